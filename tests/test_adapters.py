@@ -1,0 +1,213 @@
+"""Plain LoRA injection, PEFT interoperability, save/load, merge — on every tiny architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mtlora.adapters import (
+    adapter_layers,
+    count_parameters,
+    find_target_modules,
+    forward_context,
+    inject_adapters,
+    load_adapter,
+    make_adapter_config,
+    merge_adapters,
+    save_adapter,
+    set_adapters_enabled,
+    trainable_parameters,
+    unload,
+    unmerge_adapters,
+)
+from mtlora.errors import UserError
+from mtlora.testing import TINY_ARCHS, tiny_model
+
+ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
+
+
+def _ids(tok):
+    return tok(["the cat sat on the mat", "Question: Is the sky blue? Answer: yes"], return_tensors="pt", padding=True)
+
+
+def _randomise_b(model, std=0.2):
+    torch.manual_seed(1)
+    for name, p in trainable_parameters(model):
+        if "lora_B" in name:
+            nn.init.normal_(p, std=std)
+
+
+def _lora(model, **kw):
+    kw.setdefault("target_modules", "all-linear")
+    return inject_adapters(model, make_adapter_config("lora", r=4, alpha=8, **kw))
+
+
+@ARCHS
+def test_initial_update_is_exactly_zero(arch):
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    base = model(**batch).logits
+    _lora(model)
+    assert torch.equal(model(**batch).logits, base)
+
+
+@ARCHS
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (["q_proj", "v_proj"], {"q_proj", "v_proj"}),
+        (r".*mlp\.(gate|up)_proj", {"gate_proj", "up_proj"}),
+        ("all-linear", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ],
+)
+def test_target_selection(arch, targets, expected):
+    model, _ = tiny_model(arch)
+    names = find_target_modules(model, targets)
+    assert {n.rsplit(".", 1)[-1] for n in names} == expected
+    assert len(names) == len(expected) * model.config.num_hidden_layers
+    assert "lm_head" not in names
+
+
+def test_target_without_match_is_a_user_error():
+    model, _ = tiny_model("llama")
+    with pytest.raises(UserError, match="matches no nn.Linear"):
+        find_target_modules(model, ["qkv_proj"])
+
+
+def test_bad_config_values_are_user_errors():
+    with pytest.raises(UserError, match="adapter.r"):
+        make_adapter_config("lora", r=0)
+    with pytest.raises(UserError, match="adapter.dropout"):
+        make_adapter_config("lora", dropout=1.5)
+    with pytest.raises(UserError, match="unknown option"):
+        make_adapter_config("lora", rank=4)
+    with pytest.raises(UserError, match="unknown adapter type"):
+        make_adapter_config("dora")
+
+
+@ARCHS
+def test_only_adapter_parameters_train(arch):
+    model, _ = tiny_model(arch)
+    _lora(model, target_modules=["q_proj", "up_proj"])
+    names = [n for n, _ in trainable_parameters(model)]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    trainable, total = count_parameters(model)
+    layers = model.config.num_hidden_layers
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    assert trainable == layers * 4 * ((h + h) + (h + i))
+
+
+def test_rslora_scaling():
+    assert make_adapter_config("lora", r=16, alpha=32).scaling == 2.0
+    assert make_adapter_config("lora", r=16, alpha=32, use_rslora=True).scaling == 8.0
+
+
+@ARCHS
+def test_adapter_changes_output_and_can_be_disabled(arch):
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    base = model(**batch).logits
+    _lora(model)
+    _randomise_b(model)
+    tuned = model(**batch).logits
+    assert not torch.allclose(tuned, base, atol=1e-4)
+    set_adapters_enabled(model, False)
+    assert torch.equal(model(**batch).logits, base)
+
+
+@ARCHS
+def test_injection_keeps_eval_mode(arch):
+    model, _ = tiny_model(arch)
+    _lora(model, dropout=0.5)
+    assert all(not layer.training for _, layer in adapter_layers(model))
+
+
+@ARCHS
+def test_save_load_round_trip_is_exact(arch, tmp_path):
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    _lora(model, use_rslora=True)
+    _randomise_b(model)
+    save_adapter(model, tmp_path / "adapter", extra={"task_names": ["a", "b"]})
+    fresh, _ = tiny_model(arch)
+    _, extra = load_adapter(fresh, tmp_path / "adapter")
+    assert extra == {"task_names": ["a", "b"]}
+    assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+    assert fresh.mtlora_config == model.mtlora_config
+
+
+@ARCHS
+def test_peft_loads_our_adapter_with_same_logits(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    _lora(model, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+    _randomise_b(model)
+    ours = model(**batch).logits
+    save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    fresh, _ = tiny_model(arch)
+    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    peft_model.eval()
+    torch.testing.assert_close(peft_model(**batch).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+@ARCHS
+def test_we_load_an_adapter_written_by_peft(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "up_proj"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, cfg)
+    peft_model.eval()
+    expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    fresh, _ = tiny_model(arch)
+    load_adapter(fresh, tmp_path / "peft")
+    torch.testing.assert_close(fresh(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@ARCHS
+def test_merge_unmerge_and_unload(arch):
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    _lora(model)
+    _randomise_b(model)
+    tuned = model(**batch).logits
+    merge_adapters(model)
+    torch.testing.assert_close(model(**batch).logits, tuned, atol=1e-5, rtol=1e-5)
+    unmerge_adapters(model)
+    torch.testing.assert_close(model(**batch).logits, tuned, atol=1e-5, rtol=1e-5)
+    unload(model, merge=True)
+    assert not list(adapter_layers(model))
+    assert set(model.state_dict()) == set(original)
+    torch.testing.assert_close(model(**batch).logits, tuned, atol=1e-5, rtol=1e-5)
+
+
+@ARCHS
+def test_stacked_per_example_adapters_match_one_adapter_at_a_time(arch):
+    """Row b with adapter idx[b] gives the same logits as a model holding only that adapter."""
+    model, tok = tiny_model(arch)
+    batch = _ids(tok)
+    _lora(model, target_modules=["q_proj", "up_proj"])
+    layers = dict(adapter_layers(model))
+    torch.manual_seed(3)
+    stacked = {
+        name: (torch.randn(3, layer.r, layer.in_features) * 0.2, torch.randn(3, layer.out_features, layer.r) * 0.2)
+        for name, layer in layers.items()
+    }
+    idx = torch.tensor([2, 0])
+    with forward_context(stacked=stacked, adapter_index=idx):
+        mixed = model(**batch).logits
+    for row, k in enumerate(idx.tolist()):
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A.weight.copy_(stacked[name][0][k])
+                layer.lora_B.weight.copy_(stacked[name][1][k])
+        single = model(**batch).logits
+        torch.testing.assert_close(mixed[row], single[row], atol=1e-5, rtol=1e-5)
