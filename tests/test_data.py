@@ -288,3 +288,27 @@ def test_collator_on_builtin_tasks():
     assert batch["task_ids"].tolist() == [1, 1, 1, 0, 0, 0]
     for i, ex in enumerate(exs):
         assert answer_text(tok, {"labels": batch["labels"][i].tolist()}) == " " + ex.answer + tok.eos_token
+
+
+def test_empty_prompt_conditions_on_prefix_token():
+    tok = tiny_tokenizer()
+    enc = encode_example(tok, Example("t", "", "yes"), max_length=16)
+    assert enc["input_ids"][0] == tok.eos_token_id and enc["labels"][0] == -100
+    assert answer_text(tok, enc) == " yes" + tok.eos_token
+
+
+def test_dataloader_end_to_end_with_sampler():
+    from torch.utils.data import DataLoader
+
+    from mtlora.data import make_batch_sampler
+
+    tok = tiny_tokenizer()
+    exs = load_tasks(["copa", "rte", "sst2"], "train", max_per_task=12)
+    names = sorted({ex.task for ex in exs})
+    sampler = make_batch_sampler("task_balanced", exs, batch_size=6, tasks_per_batch=3, seed=0)
+    loader = DataLoader(exs, batch_sampler=sampler, collate_fn=TaskCollator(tok, names, max_length=128))
+    batches = list(loader)
+    assert len(batches) == len(exs) // 6
+    for batch, idx in zip(batches, make_batch_sampler("task_balanced", exs, 6, 0, 3), strict=True):
+        assert batch["task_ids"].tolist() == [names.index(exs[i].task) for i in idx]
+        assert sorted(Counter(batch["task_ids"].tolist()).values()) == [2, 2, 2]

@@ -40,11 +40,22 @@ def _bos_prefix(tokenizer: Any, add_bos: bool | None) -> list[int]:
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) the lm-eval way, without special tokens."""
+    """Token ids of (context, continuation) the lm-eval way, without special tokens.
+
+    Agrees with ``mtlora.evaluate.encode_pair``: an empty (or whitespace-only) context becomes the
+    prefix token (BOS, else EOS), so the first answer token is conditioned on something and is
+    supervised in training exactly as it is scored in evaluation.
+    """
     context, continuation = split_context(context, continuation)
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    return list(whole[: len(ctx)]), list(whole[len(ctx):])
+    ctx_ids, cont_ids = list(whole[: len(ctx)]), list(whole[len(ctx):])
+    if not ctx_ids:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise ValueError("an empty prompt needs a BOS or EOS token to condition on")
+        ctx_ids = [int(prefix)]
+    return ctx_ids, cont_ids
 
 
 def encode_example(
@@ -63,6 +74,8 @@ def encode_example(
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
         cont = cont + [tokenizer.eos_token_id]
     bos = _bos_prefix(tokenizer, add_bos)
+    if bos and ctx[:1] == bos:  # empty prompt: the prefix token is already the BOS
+        bos = []
     if len(bos) + len(cont) > max_length:
         raise ValueError(
             f"task {ex.task!r}: the answer alone takes {len(cont)} tokens (with EOS/BOS: {len(bos) + len(cont)}), "

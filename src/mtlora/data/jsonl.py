@@ -84,7 +84,7 @@ def read_task_file(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise UserError(path, "task file not found; expected a .jsonl file or a built-in task name")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # tolerate a BOM from Windows editors
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -1,7 +1,8 @@
 """Multi-task batch samplers: deterministic per (seed, epoch), resumable, shardable across ranks.
 
-All samplers see only the task name of each example (``tasks[i]`` for example ``i``) and yield
-lists of example indices, so they plug into ``DataLoader(batch_sampler=...)``.
+All samplers see only the task name of each example (``tasks[i]`` for example ``i``; a list of
+Examples is accepted too) and yield lists of example indices, so they plug into
+``DataLoader(examples, batch_sampler=sampler, collate_fn=TaskCollator(...))``.
 
 Common behaviour:
 
@@ -52,7 +53,8 @@ class MultiTaskBatchSampler:
                 f"global batch_size {batch_size} must be divisible by num_replicas {num_replicas} "
                 "(every rank takes an equal contiguous slice)"
             )
-        self.tasks = list(tasks)
+        # accept task names or the Examples themselves
+        self.tasks = [t if isinstance(t, str) else t.task for t in tasks]
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
