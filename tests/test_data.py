@@ -312,3 +312,41 @@ def test_dataloader_end_to_end_with_sampler():
     for batch, idx in zip(batches, make_batch_sampler("task_balanced", exs, 6, 0, 3), strict=True):
         assert batch["task_ids"].tolist() == [names.index(exs[i].task) for i in idx]
         assert sorted(Counter(batch["task_ids"].tolist()).values()) == [2, 2, 2]
+
+
+# Pinned split sizes: a change here silently moves examples between train and eval (and leaks eval
+# data into runs trained before the change), so it must be deliberate.
+PINNED_SIZES = {
+    "arc_easy": (411, 159), "arc_challenge": (216, 83), "boolq": (2215, 1055), "piqa": (1298, 540),
+    "siqa": (1407, 542), "hellaswag": (7088, 2954), "winogrande": (892, 375), "openbookqa": (343, 157),
+    "sst2": (612, 260), "rte": (206, 71), "mrpc": (290, 118), "cb": (37, 19), "copa": (68, 32),
+    "sciq": (711, 287), "commonsense_qa": (840, 357), "nq_open": (2532, 1078),
+}
+
+
+def test_split_sizes_are_pinned():
+    assert {n: (task_size(n)["train"], task_size(n)["eval"]) for n in BUILTIN_TASKS} == PINNED_SIZES
+
+
+def test_split_and_sampler_ignore_python_hash_seed():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from mtlora.data import load_task, make_batch_sampler as m;"
+        "e = load_task('copa', 'eval'); print([x.prompt[:20] for x in e[:5]]);"
+        "print(list(m('task_balanced', load_task('rte', 'train') + e, 4, 7))[:3])"
+    )
+    procs = [  # two hash seeds, run in parallel (this package does not import torch for this)
+        subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                         stdout=subprocess.PIPE, text=True)
+        for seed in ("1", "2")
+    ]
+    outs = {p.communicate(timeout=60)[0] for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    from mtlora.data import make_batch_sampler
+
+    e = load_task("copa", "eval")
+    batches = list(make_batch_sampler("task_balanced", load_task("rte", "train") + e, 4, 7))[:3]
+    assert outs == {f"{[x.prompt[:20] for x in e[:5]]}\n{batches}\n"}
