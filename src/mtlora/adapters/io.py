@@ -127,13 +127,19 @@ def _read_json(path: Path) -> dict:
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Inject the adapter saved at ``path`` into ``model`` and load its weights (strict)."""
     config, extra = read_adapter_config(path)
-    weights = Path(path) / WEIGHTS_NAME
-    if not weights.is_file():
+    if not (Path(path) / WEIGHTS_NAME).is_file():
         raise UserError(path, f"adapter folder has no {WEIGHTS_NAME}")
     inject_adapters(model, config)
+    load_adapter_weights(model, path)
+    return model, extra
+
+
+def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy saved adapter tensors into a model that already holds the same adapter (strict)."""
+    weights = Path(path) / WEIGHTS_NAME
     saved = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
     # PEFT keeps the adapter name in keys of a live model but not in files; accept both spellings.
-    saved = {k.replace(".default.", ".") if ".default." in k else k: v for k, v in saved.items()}
+    saved = {k.replace(".default.", "."): v for k, v in saved.items()}
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
@@ -144,4 +150,3 @@ def load_adapter(model: nn.Module, path: str | Path) -> tuple[nn.Module, dict[st
             if tensor.shape != saved[key].shape:
                 raise UserError(weights, f"{key}: expected shape {tuple(tensor.shape)}, got {tuple(saved[key].shape)}")
             tensor.copy_(saved[key])
-    return model, extra

@@ -1,0 +1,190 @@
+"""The ``mtlora`` command line (typer + rich).
+
+Every command turns a ``UserError`` into one line on stderr, ``error: <file>[:<line>]: <what>``,
+and exit code 2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mtlora.errors import USER_ERROR_EXIT_CODE, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task LoRA fine-tuning on stock transformers.")
+data_app = typer.Typer(no_args_is_help=True, help="Check user task files.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+
+def _quiet_libraries() -> None:
+    """Hide the per-tensor progress bars transformers prints while loading weights."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@app.command("tasks")
+def tasks_command() -> None:
+    """List the built-in tasks with their train/eval sizes."""
+    from mtlora.data.tasks import list_tasks, task_size
+
+    table = Table(title="built-in tasks (train/eval split by a stable hash of each example)")
+    for col in ("task", "kind", "train", "eval", "source"):
+        table.add_column(col, justify="right" if col in ("train", "eval") else "left")
+    for spec in list_tasks():
+        size = task_size(spec.name)
+        table.add_row(spec.name, spec.kind, str(size["train"]), str(size["eval"]), spec.source)
+    console.print(table)
+
+
+@data_app.command("check")
+def data_check(file: Annotated[Path, typer.Argument(help="a JSONL task file")]) -> None:
+    """Validate a JSONL task file without loading a model; print its size and task counts."""
+    from mtlora.data.jsonl import check_task_file
+
+    summary = check_task_file(file)
+    console.print(f"[green]ok[/green] {file}")
+    console.print_json(json.dumps(summary))
+
+
+@app.command("train")
+def train_command(
+    config: Annotated[Path, typer.Argument(help="YAML run config")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.lr=1e-4")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the output folder's checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Train an adapter as the config says (LoRA, HydraLoRA, R-LoRA, M-LoRA, Align-LoRA, MeTA-LoRA)."""
+    from mtlora.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries()
+    if cfg.method == "meta_lora":
+        from mtlora.meta import train_meta
+
+        summary = train_meta(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    else:
+        from mtlora.train import train
+
+        summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    _print_eval(summary["evals"][-1] if summary.get("evals") else None)
+    console.print(f"adapter: {summary['adapter']}")
+
+
+def _print_eval(report: dict | None, base: dict | None = None) -> None:
+    if report is None:
+        return
+    from mtlora.evaluate import EvalReport, render_table
+
+    tuned = EvalReport.from_dict({k: v for k, v in report.items() if k != "step"})
+    other = EvalReport.from_dict({k: v for k, v in base.items() if k != "step"}) if base else None
+    if other is None:
+        console.print(render_table(tuned))
+    else:
+        console.print(render_table(other, tuned, labels=("base", "fine-tuned")))
+
+
+@app.command("eval")
+def eval_command(
+    tasks: Annotated[list[str], typer.Argument(help="built-in task names and/or JSONL task files")],
+    model: Annotated[str, typer.Option(help="base model alias or local HF folder")] = "smollm2-135m",
+    adapter: Annotated[Path | None, typer.Option(help="adapter folder to evaluate")] = None,
+    split: Annotated[str, typer.Option(help="eval | train | all (built-in tasks)")] = "eval",
+    max_per_task: Annotated[int | None, typer.Option(help="cap examples per task")] = None,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="for open-answer tasks")] = 16,
+    output: Annotated[Path | None, typer.Option(help="write metrics JSON here")] = None,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """Evaluate the base model or an adapter: acc / acc_norm (multiple choice), exact match (open)."""
+    from mtlora.data.tasks import load_tasks
+    from mtlora.evaluate import evaluate, render_table
+
+    if split not in ("eval", "train", "all"):
+        raise UserError("--split", f"expected eval, train or all, got {split!r}")
+    examples = load_tasks(tasks, split, max_per_task)
+    _quiet_libraries()
+    task_names = None
+    if adapter is not None:
+        from mtlora.train import load_trained
+
+        lm, tokenizer, extra = load_trained(adapter, base=None if model == "smollm2-135m" else model)
+        task_names = extra.get("task_names")
+        if task_names and not {ex.task for ex in examples} <= set(task_names):
+            task_names = None  # unseen tasks: ids only matter to task-aware adapters, which say so
+    else:
+        from mtlora.models import load_model
+
+        lm, tokenizer = load_model(model)
+    report = evaluate(lm, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      progress=progress, task_names=task_names)
+    console.print(render_table(report))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_text(report.to_json())
+        tmp.replace(output)
+        console.print(f"metrics: {output}")
+
+
+@app.command("demo")
+def demo_command(
+    output_dir: Annotated[Path, typer.Option(help="where results, chart and adapter go")] = Path("runs/demo"),
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = True,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of the demo config")] = None,
+    progress: Annotated[bool, typer.Option()] = True,
+) -> None:
+    """LoRA on SmolLM2-135M over 4 short built-in tasks (<= 10 min on 2 CPU cores): base vs fine-tuned."""
+    from mtlora.demo import run_demo
+
+    _quiet_libraries()
+    result = run_demo(output_dir, overrides or [], overwrite=overwrite, progress=progress)
+    _print_eval(result["fine_tuned"], base=result["base"])
+    console.print(f"results: {result['paths']['results']}\nchart: {result['paths']['chart']}\n"
+                  f"adapter: {result['paths']['adapter']}")
+
+
+def main() -> None:
+    """Console entry point: user errors -> one line + exit 2; bugs keep their traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc.format()}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except SystemExit:
+        raise
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(USER_ERROR_EXIT_CODE)
+        from mtlora.train import TrainingDiverged
+
+        if isinstance(exc, TrainingDiverged):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

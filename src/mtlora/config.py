@@ -1,0 +1,284 @@
+"""Run configuration: YAML files plus ``key=value`` overrides, validated into dataclasses.
+
+A config file names the command that runs it in its header, e.g. ``# mtlora train configs/demo.yaml``.
+Every key is checked: an unknown key, a wrong type or a bad value is a ``UserError`` naming the
+file, the line (when the key is in the file) and the dotted key, never a silent default.
+
+Sections: top level (model, method, tasks, output_dir), ``adapter`` (the method's adapter
+config, validated by ``mtlora.adapters.make_adapter_config``), ``data``, ``train``, ``eval``, and the
+method-specific ``align`` (Align-LoRA) and ``meta`` (MeTA-LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtlora.errors import UserError
+
+METHODS = ("lora", "hydralora", "rlora", "mlora", "align_lora", "meta_lora")
+# Align-LoRA and MeTA-LoRA train a plain LoRA adapter; they differ by objective / procedure.
+ADAPTER_TYPE_OF_METHOD = {"align_lora": "lora", "meta_lora": "lora"}
+
+
+@dataclass
+class DataConfig:
+    max_length: int = field(default=256, metadata={"help": "tokens per example (prompt cut from the left)"})
+    max_train_per_task: int | None = field(default=None, metadata={"help": "cap on training examples per task"})
+    max_eval_per_task: int | None = field(default=200, metadata={"help": "cap on evaluation examples per task"})
+    sampler: Literal["proportional", "uniform", "task_balanced"] = field(
+        default="proportional", metadata={"help": "how batches mix tasks"}
+    )
+    tasks_per_batch: int | None = field(default=None, metadata={"help": "k tasks per batch (task_balanced)"})
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch (per process)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warm-up"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training data (if max_steps unset)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimiser steps; overrides epochs"})
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    log_every: int = 5
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name}", "expected an integer >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("train.max_steps", "expected an integer >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError("train.warmup_ratio", "expected a number in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 16
+
+
+@dataclass
+class AlignConfig:
+    """Align-LoRA's alignment term (DESIGN.md section 3)."""
+
+    loss: Literal["kl", "mmd"] = field(default="kl", metadata={"help": "A-LoRA-K (sym. KL) or A-LoRA-M (MMD)"})
+    lam: float = field(default=0.2, metadata={"help": "weight lambda of the alignment loss (YAML key: lambda)"})
+    reduction: Literal["mean", "sum"] = field(default="mean", metadata={"help": "over task pairs"})
+    statistics: Literal["pooled", "per_position"] = field(
+        default="pooled", metadata={"help": "Gaussian over all non-pad tokens, or per position"}
+    )
+    require_all_steps: bool = field(
+        default=False, metadata={"help": "error (instead of skip+count) on a batch with fewer than 2 tasks"}
+    )
+    eps: float = field(default=1e-5, metadata={"help": "variance floor"})
+
+
+@dataclass
+class MetaConfig:
+    """MeTA-LoRA's two-stage meta-learning (DESIGN.md section 4)."""
+
+    k: int = field(default=50, metadata={"help": "examples per task (k-shot)"})
+    support_size: int = field(default=4, metadata={"help": "support examples per task per meta-iteration"})
+    query_size: int = field(default=4, metadata={"help": "query examples per task per meta-iteration"})
+    tasks_per_iter: int = field(default=4, metadata={"help": "n tasks per meta-iteration"})
+    inner_steps: int = field(default=1, metadata={"help": "S inner SGD steps (stage 1)"})
+    inner_lr: float = field(default=1e-3, metadata={"help": "alpha, inner learning rate"})
+    outer_lr: float = field(default=2e-4, metadata={"help": "beta, outer (meta) learning rate"})
+    aggregation: Literal["mean", "sum", "weighted"] = "mean"
+    second_order: bool = False
+    iterations: int = field(default=100, metadata={"help": "meta-iterations"})
+
+
+@dataclass
+class RunConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "alias or local Hugging Face folder"})
+    method: str = field(default="lora", metadata={"help": f"one of {METHODS}"})
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "boolq", "copa", "arc_easy"])
+    output_dir: str = "runs/default"
+    adapter: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        if not self.tasks:
+            raise UserError("tasks", "expected at least one task")
+        self.adapter_config()  # validate now, not after the model has loaded
+
+    @property
+    def adapter_type(self) -> str:
+        return ADAPTER_TYPE_OF_METHOD.get(self.method, self.method)
+
+    def adapter_config(self):
+        from mtlora.adapters import make_adapter_config
+
+        return make_adapter_config(self.adapter_type, **self.adapter)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["align"]["lambda"] = out["align"].pop("lam")
+        return out
+
+
+_YAML_RENAMES = {("align", "lambda"): "lam"}
+
+
+def _line_of(text: str | None, key: str) -> int | None:
+    if not text:
+        return None
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*:")
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check (and gently convert) a YAML value against a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise UserError(where, f"expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(where, f"expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value] if args else value
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise UserError(where, f"expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(where, f"expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(where, f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(where, f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(where, f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str, text: str | None):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = _YAML_RENAMES.get((prefix.rstrip("."), key), key)
+        dotted = f"{prefix}{key}"
+        if name not in known:
+            yaml_names = sorted("lambda" if (prefix.rstrip("."), n) == ("align", "lam") else n for n in known)
+            raise UserError(source, f"unknown key {dotted!r}; expected one of {yaml_names}", line=_line_of(text, key))
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise UserError(source, f"{dotted}: expected a mapping", line=_line_of(text, key))
+            kwargs[name] = _build(annotation, value, f"{dotted}.", source, text)
+        else:
+            try:
+                kwargs[name] = _coerce(value, annotation, dotted)
+            except UserError as exc:
+                raise UserError(source, f"{dotted}: {exc.message}", line=_line_of(text, key)) from None
+    try:
+        return cls(**kwargs)
+    except UserError as exc:
+        line = _line_of(text, exc.where.rsplit(".", 1)[-1]) if exc.where else None
+        raise UserError(source, f"{exc.where}: {exc.message}" if exc.where else exc.message, line=line) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "tasks=[sst2,rte]"]`` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(item, "expected an override of the form key=value (e.g. train.lr=1e-4)")
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    text = None
+    source = "<command line>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(path, "config file not found")
+        text = path.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise UserError(path, "invalid YAML", line=mark.line + 1 if mark else None) from None
+        if not isinstance(raw, dict):
+            raise UserError(path, "expected a mapping of config keys at the top level")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return _build(RunConfig, raw, "", source, text)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,312 @@
+"""The training loop, readable top to bottom.
+
+    prepare_run(config)           model + adapters, train/eval examples, collator, sampler
+    train(config, resume=...)     for each optimiser step:
+                                      grad_accum micro-batches -> objective -> backward
+                                      clip -> AdamW step -> cosine schedule -> log / eval / checkpoint
+
+Checkpoints (``<output_dir>/checkpoint/``) hold the adapter (PEFT layout) and ``trainer_state.pt``:
+optimiser, scheduler, every RNG, the sampler's position and the log history, written atomically
+(temporary folder + rename). ``resume=True`` restores all of it, so on CPU an interrupted run
+reaches the same final adapter, bit for bit, as an uninterrupted one. A non-finite loss stops the
+run before the optimiser step, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtlora.adapters import (
+    count_parameters,
+    inject_adapters,
+    load_adapter,
+    save_adapter,
+    trainable_parameters,
+)
+from mtlora.adapters.io import atomic_write_dir, load_adapter_weights, read_adapter_config
+from mtlora.config import RunConfig, save_config
+from mtlora.data.collate import TaskCollator
+from mtlora.data.example import Example
+from mtlora.data.samplers import MultiTaskBatchSampler, make_batch_sampler
+from mtlora.data.tasks import load_tasks
+from mtlora.errors import UserError
+from mtlora.models import load_model
+from mtlora.objectives import supervised_lm_loss
+
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_DIR = "adapter"
+STATE_FILE = "trainer_state.pt"
+
+Objective = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built once from the config."""
+
+    config: RunConfig
+    model: nn.Module
+    tokenizer: Any
+    task_names: list[str]
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    collator: TaskCollator
+    world_size: int = 1
+    rank: int = 0
+
+    def sampler(self) -> MultiTaskBatchSampler:
+        data, train = self.config.data, self.config.train
+        return make_batch_sampler(
+            data.sampler,
+            [ex.task for ex in self.train_examples],
+            batch_size=train.batch_size * self.world_size,
+            seed=train.seed,
+            tasks_per_batch=data.tasks_per_batch,
+            num_replicas=self.world_size,
+            rank=self.rank,
+        )
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
+    """Load data first (cheap, catches user errors early), then the model, then inject adapters."""
+    train_examples = load_tasks(config.tasks, "train", config.data.max_train_per_task)
+    eval_examples = load_tasks(config.tasks, "eval", config.data.max_eval_per_task)
+    if not train_examples:
+        raise UserError("tasks", "no training examples (check the task names and caps)")
+    task_names = sorted({ex.task for ex in train_examples} | {ex.task for ex in eval_examples})
+    model, tokenizer = load_model(config.model)
+    seed_everything(config.train.seed)  # adapter init depends on the seed only
+    inject_adapters(model, config.adapter_config())
+    collator = TaskCollator(tokenizer, task_names, config.data.max_length)
+    return Run(config, model, tokenizer, task_names, train_examples, eval_examples, collator, world_size, rank)
+
+
+def build_objective(config: RunConfig) -> Objective:
+    """The loss of a method: LM loss on answer tokens, plus the method's own terms."""
+    if config.method == "align_lora":
+        from mtlora.objectives.align import AlignObjective
+
+        return AlignObjective(config.align)
+    return supervised_lm_loss
+
+
+def total_steps(config: RunConfig, batches_per_epoch: int) -> int:
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    steps = math.floor(config.train.epochs * batches_per_epoch / config.train.grad_accum)
+    if steps < 1:
+        raise UserError("train.epochs", "gives zero optimiser steps; raise epochs or set train.max_steps")
+    return steps
+
+
+def micro_batches(run: Run, sampler: MultiTaskBatchSampler) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless stream of collated micro-batches; the sampler remembers where it is."""
+    while True:
+        for indices in sampler:
+            yield run.collator([run.train_examples[i] for i in indices])
+
+
+def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (path / CHECKPOINT_DIR / STATE_FILE).is_file():
+            raise UserError(path, "nothing to resume: no checkpoint in this output folder")
+        return
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise UserError(path, "output folder exists and is not empty; pass --overwrite or --resume")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def save_checkpoint(
+    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, state: TrainState, out: Path
+) -> None:
+    trainer_state = {
+        "step": state.step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        "history": state.history,
+        "evals": state.evals,
+    }
+
+    def write(tmp: Path) -> None:
+        save_adapter(run.model, tmp / ADAPTER_DIR, extra=adapter_extra(run))
+        torch.save(trainer_state, tmp / STATE_FILE)
+
+    atomic_write_dir(out / CHECKPOINT_DIR, write)
+
+
+def load_checkpoint(run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path) -> TrainState:
+    ckpt = out / CHECKPOINT_DIR
+    saved = torch.load(ckpt / STATE_FILE, weights_only=False)
+    load_adapter_weights(run.model, ckpt / ADAPTER_DIR)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    sampler.load_state_dict(saved["sampler"])
+    rng = saved["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"])
+
+
+def adapter_extra(run: Run) -> dict[str, Any]:
+    """What we save beside the adapter: how it was trained, and the task-id order it saw."""
+    return {"base_model": run.config.model, "method": run.config.method, "task_names": run.task_names}
+
+
+def evaluate_run(run: Run, step: int, progress: bool) -> dict[str, Any]:
+    from mtlora.evaluate import evaluate
+
+    report = evaluate(
+        run.model,
+        run.tokenizer,
+        run.eval_examples,
+        batch_size=run.config.eval.batch_size,
+        max_new_tokens=run.config.eval.max_new_tokens,
+        progress=progress,
+        task_names=run.task_names,
+    )
+    return {"step": step, **report.to_dict()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def make_optimizer(model: nn.Module, config: RunConfig, steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for _, p in trainable_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    warmup = math.ceil(config.train.warmup_ratio * steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    return optimizer, scheduler
+
+
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    run: Run | None = None,
+) -> dict[str, Any]:
+    """Train the config's adapter; returns a summary (final adapter path, history, last eval)."""
+    out = Path(config.output_dir)
+    prepare_output_dir(out, resume, overwrite)
+    run = run or prepare_run(config)
+    model, tcfg = run.model, config.train
+    save_config(config, out / "config.yaml")
+    if tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sampler = run.sampler()
+    steps = total_steps(config, len(sampler))
+    optimizer, scheduler = make_optimizer(model, config, steps)
+    objective = build_objective(config)
+    state = load_checkpoint(run, optimizer, scheduler, sampler, out) if resume else TrainState()
+    trainable, total = count_parameters(model)
+    stream = micro_batches(run, sampler)
+    model.train()
+
+    from mtlora.progress import step_progress
+
+    start = time.perf_counter()
+    with step_progress(steps, enabled=progress, initial=state.step) as bar:
+        while state.step < steps:
+            optimizer.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            for _ in range(tcfg.grad_accum):
+                batch = next(stream)
+                loss, parts = objective(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {state.step + 1}; stopped before the optimiser step. "
+                        f"The last good checkpoint is in {out / CHECKPOINT_DIR}"
+                    )
+                (loss / tcfg.grad_accum).backward()
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    logs[key] = logs.get(key, 0.0) + float(value) / tcfg.grad_accum
+            if tcfg.max_grad_norm:
+                logs["grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(model)], tcfg.max_grad_norm)
+                )
+            logs["lr"] = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            state.history.append({"step": state.step, **logs})
+            bar.update(loss=logs["loss"])
+            if tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < steps:
+                state.evals.append(evaluate_run(run, state.step, progress=False))
+                model.train()
+            if state.step % tcfg.save_every == 0 or state.step == steps:
+                save_checkpoint(run, optimizer, scheduler, sampler, state, out)
+
+    elapsed = time.perf_counter() - start
+    model.eval()
+    save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
+    final_eval = evaluate_run(run, state.step, progress=progress) if run.eval_examples else None
+    if final_eval is not None:
+        state.evals.append(final_eval)
+    summary = {
+        "adapter": str(out / ADAPTER_DIR),
+        "method": config.method,
+        "steps": state.step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds": elapsed,
+        "history": state.history,
+        "evals": state.evals,
+    }
+    _write_json(out / "results.json", summary)
+    return summary
+
+
+def load_trained(adapter_dir: str | Path, base: str | None = None):
+    """Base model + a saved adapter, ready for evaluation (the base is read from the adapter)."""
+    _, extra = read_adapter_config(adapter_dir)  # validates before the model is loaded
+    model, tokenizer = load_model(base or extra.get("base_model") or "smollm2-135m")
+    _, extra = load_adapter(model, adapter_dir)
+    model.eval()
+    return model, tokenizer, extra
