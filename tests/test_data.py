@@ -350,3 +350,22 @@ def test_split_and_sampler_ignore_python_hash_seed():
     e = load_task("copa", "eval")
     batches = list(make_batch_sampler("task_balanced", load_task("rte", "train") + e, 4, 7))[:3]
     assert outs == {f"{[x.prompt[:20] for x in e[:5]]}\n{batches}\n"}
+
+
+def test_register_task_reuses_a_saved_dataset():
+    from mtlora.data import register_task
+    from mtlora.data.tasks import TaskSpec
+
+    def build(row):
+        return Example("rte_yn", f"{row['sentence1']}\nQuestion: {row['sentence2']}?\nAnswer:",
+                       ["yes", "no"][int(row["label"])], ("yes", "no"), int(row["label"]))
+
+    spec = TaskSpec("rte_yn", "multiple_choice", BUILTIN_TASKS["rte"].source, "...", "yes / no", build)
+    register_task(spec)
+    try:
+        assert task_size("rte_yn")["all"] == 277 and len(spec.load_examples()) == 277
+        assert {ex.task for ex in load_tasks(["rte_yn"], "eval")} == {"rte_yn"}
+        with pytest.raises(ValueError, match="already registered"):
+            register_task(spec)
+    finally:
+        BUILTIN_TASKS.pop("rte_yn")

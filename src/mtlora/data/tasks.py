@@ -74,6 +74,10 @@ class TaskSpec:
     def load_raw(self) -> list[Row]:
         return list(_raw_rows(self.source))
 
+    def load_examples(self) -> list[Example]:
+        """Every usable row as an Example (both splits, raw order); malformed rows are skipped."""
+        return list(_spec_examples(self))
+
 
 # --------------------------------------------------------------------------------------------
 # raw data
@@ -302,6 +306,15 @@ _SPECS = [
 BUILTIN_TASKS: dict[str, TaskSpec] = {s.name: s for s in _SPECS}
 
 
+def register_task(spec: TaskSpec, overwrite: bool = False) -> TaskSpec:
+    """Add a task to the registry (e.g. another saved dataset under the data root), usable by name."""
+    if spec.name in BUILTIN_TASKS and not overwrite:
+        raise ValueError(f"task {spec.name!r} is already registered; pass overwrite=True to replace it")
+    BUILTIN_TASKS[spec.name] = spec
+    _task_size.cache_clear()
+    return spec
+
+
 def list_tasks() -> list[TaskSpec]:
     """All built-in tasks, in registry order (the commonsense suite first)."""
     return list(BUILTIN_TASKS.values())
@@ -353,14 +366,17 @@ def split_examples(
 
 
 @cache
-def _all_examples(name: str) -> tuple[Example, ...]:
-    spec = get_task(name)
+def _spec_examples(spec: TaskSpec) -> tuple[Example, ...]:
     out = []
     for row in _raw_rows(spec.source):
         ex = spec.build(row)
         if ex is not None:
             out.append(ex)
     return tuple(out)
+
+
+def _all_examples(name: str) -> tuple[Example, ...]:
+    return _spec_examples(get_task(name))
 
 
 def load_task(name: str, split: Split = "train", max_examples: int | None = None) -> list[Example]:
