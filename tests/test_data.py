@@ -325,7 +325,12 @@ PINNED_SIZES = {
 
 
 def test_split_sizes_are_pinned():
+    from mtlora.data import task_table
+
     assert {n: (task_size(n)["train"], task_size(n)["eval"]) for n in BUILTIN_TASKS} == PINNED_SIZES
+    rows = task_table()
+    assert {r["name"]: (r["train"], r["eval"]) for r in rows} == PINNED_SIZES
+    assert [r["name"] for r in rows if r["suite"] == "commonsense"] == list(COMMONSENSE_SUITE)
 
 
 def test_split_and_sampler_ignore_python_hash_seed():

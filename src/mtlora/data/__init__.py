@@ -35,6 +35,7 @@ _LAZY = {
         "split_examples",
         "summarize",
         "task_size",
+        "task_table",
     ),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -78,4 +79,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         split_examples,
         summarize,
         task_size,
+        task_table,
     )

@@ -434,6 +434,19 @@ def load_tasks(
     return out
 
 
+def task_table() -> list[dict[str, Any]]:
+    """One row per registered task for ``mtlora tasks``: name, kind, train/eval sizes, template, source."""
+    rows = []
+    for spec in list_tasks():
+        sizes = task_size(spec.name)
+        rows.append({
+            "name": spec.name, "kind": spec.kind, "train": sizes["train"], "eval": sizes["eval"],
+            "suite": "commonsense" if spec.name in COMMONSENSE_SUITE else "", "template": spec.template,
+            "choices": spec.choices_desc, "source": spec.source, "description": spec.description,
+        })
+    return rows
+
+
 def summarize(examples: Iterable[Example]) -> dict[str, Any]:
     """Counts for a list of examples: total, per task (first-seen order), multiple-choice vs open."""
     examples = list(examples)
