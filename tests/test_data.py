@@ -132,6 +132,8 @@ def test_unknown_task_and_bad_split():
         load_task("copa", "test")  # type: ignore[arg-type]
     with pytest.raises(UserError, match="not found"):
         load_tasks(["missing_file.jsonl"])
+    with pytest.raises(UserError, match="listed twice"):
+        load_tasks(["copa", "rte", "copa"])
 
 
 def test_load_tasks_mixes_builtins_and_files(tmp_path):

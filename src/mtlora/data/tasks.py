@@ -415,7 +415,11 @@ def load_tasks(
     from mtlora.data.jsonl import read_task_file
 
     out: list[Example] = []
+    seen: set[str] = set()
     for source in sources:
+        if str(source) in seen:
+            raise UserError(source, "task listed twice; each task or file may appear once")
+        seen.add(str(source))
         if isinstance(source, str) and source in BUILTIN_TASKS:
             out.extend(load_task(source, split, max_per_task))
             continue
