@@ -1,0 +1,288 @@
+"""Multi-head LoRA: HydraLoRA, R-LoRA and M-LoRA as one layer class with options.
+
+::
+
+                         ┌────────────── router W_r (N x d_in), fp32 softmax ──► w(x) (..., N)
+                         │                         (M-LoRA / head_weights: fixed w)
+    x ──► W0 (frozen) ───┼──────────────────────────────────────────────────────────┐
+    │                    │                                                          + ──► h
+    └─► [drop] ─► A ─► phi (..., r)                                                 │
+                       │   expand to (..., N, r), ONE dropout call = N independent masks
+                       └─► [drop_i] ─► z_i = s * w_i * drop_i(phi)    (..., N, r)  ──┤
+                                        one matmul of z (..., N*r) with B_flat (d_out, N*r)
+
+    h = W0 x + s * sum_i w_i(x) * B_i drop_i(A x)        B = stack(B_1..B_N): (N, d_out, r)
+
+    hydralora: one dropout mask on x (before A), learned router, A kaiming, B_i = 0, W_r kaiming
+    rlora:     A x computed once, an independent mask per head on the r-dim A x, learned router
+               (sees the un-dropped x), multi-head random init, W_r = 0 (uniform start)
+    mlora:     rlora without router: w_i = 1/N (combine="mean") or 1 (combine="sum")
+
+Why the router weights are folded in *before* the B contraction: ``sum_i w_i B_i z_i`` equals
+``B_flat @ concat_i(w_i z_i)``, so all heads are one GEMM of inner size ``N*r`` (the same FLOPs as
+a single LoRA of rank ``N*r``) and the ``(..., N, d_out)`` per-head outputs are never materialised.
+
+Multi-head random init (R-LoRA Table 1, gamma = 64), ``c = d_out^(1/4) / sqrt(gamma)``:
+``A ~ c N(0, 1/d_in)``, ``B_i ~ c N(0, 1/d_out)`` independently per head, then the heads are
+mean-centred (``B_i -= mean_j B_j``). With uniform initial weights (zero router, M-LoRA mean, or
+sum) ``sum_i w_i B_i = w * sum_i (B_i - mean B) = 0``: the initial update is zero in exact
+arithmetic, with no offset kept outside the adapter (the released code shifts W0 instead, and does
+not save the shift). In fp32 the centred heads sum to a rounding residue (~1e-8 of a head's size),
+so logits at step 0 equal the base model's to ~1e-6, not bit for bit; an explicit frozen offset
+would leave the same residue (it is subtracted after a different sum). Zero-B inits (``lora``,
+``hydra``) give an exactly zero update. In training mode with per-head dropout the masks differ per
+head, so the update at step 0 is zero only in expectation (``E drop_i(phi) = phi``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlora.adapters.context import current_context
+from mtlora.adapters.lora import LoraConfig, LoraLinear
+from mtlora.errors import UserError
+
+METHODS = ("hydralora", "rlora", "mlora")
+INITS = ("lora", "hydra", "multihead")
+INIT_SCALES = ("paper", "repo")
+DROPOUT_MODES = ("input", "per_head")
+COMBINES = ("mean", "sum")
+
+
+@dataclass
+class MultiHeadLoraConfig(LoraConfig):
+    """HydraLoRA / R-LoRA / M-LoRA. Options left ``None`` take the method's published default."""
+
+    method: str = field(default="rlora", metadata={"help": "hydralora, rlora or mlora"})
+    num_heads: int = field(default=5, metadata={"help": "number of B heads N sharing one A"})
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "lora (A kaiming, B_i = 0, router 0), hydra (as lora, router kaiming), multihead "
+            "(R-LoRA random heads, mean-centred). Default: hydra for hydralora, multihead otherwise"
+        },
+    )
+    init_scale: str = field(
+        default="paper",
+        metadata={
+            "help": "multihead init scale: paper (c = d_out^0.25/sqrt(gamma) for A and every head) or "
+            "repo (the released code: the factor compounds per head, head i drawn at c^(i+1))"
+        },
+    )
+    gamma: float = field(default=64.0, metadata={"help": "gamma of the multihead init scale"})
+    center_heads: bool = field(
+        default=True,
+        metadata={"help": "mean-centre randomly drawn heads so the initial update is zero (R-LoRA init)"},
+    )
+    dropout_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "input (one mask on x, HydraLoRA) or per_head (independent mask per head on A x, "
+            "R-LoRA/M-LoRA). Default: the method's"
+        },
+    )
+    combine: str = field(default="mean", metadata={"help": "M-LoRA head combination: mean or sum"})
+    head_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "fixed per-head weights replacing the learned router (makes the adapter mergeable)"
+        },
+    )
+    load_balance_coef: float = field(
+        default=0.0,
+        metadata={"help": "Switch-style router load-balancing loss weight (0 = off, as in both papers)"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise UserError("adapter.method", f"expected one of {list(METHODS)}, got {self.method!r}")
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise UserError("adapter.num_heads", f"expected a positive integer, got {self.num_heads!r}")
+        if self.init is None:
+            self.init = "hydra" if self.method == "hydralora" else "multihead"
+        if self.dropout_mode is None:
+            self.dropout_mode = "input" if self.method == "hydralora" else "per_head"
+        for name, allowed in (
+            ("init", INITS),
+            ("init_scale", INIT_SCALES),
+            ("dropout_mode", DROPOUT_MODES),
+            ("combine", COMBINES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"adapter.{name}", f"expected one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not self.gamma > 0:
+            raise UserError("adapter.gamma", f"expected a positive number, got {self.gamma!r}")
+        if self.head_weights is not None:
+            if self.method == "mlora":
+                raise UserError("adapter.head_weights", "expected none for mlora (set combine: mean or sum)")
+            if len(self.head_weights) != self.num_heads:
+                raise UserError(
+                    "adapter.head_weights",
+                    f"expected {self.num_heads} weights (one per head), got {len(self.head_weights)}",
+                )
+            self.head_weights = [float(v) for v in self.head_weights]
+        if self.load_balance_coef < 0:
+            raise UserError(
+                "adapter.load_balance_coef", f"expected a number >= 0, got {self.load_balance_coef!r}"
+            )
+        if self.load_balance_coef > 0 and not self.has_router:
+            raise UserError("adapter.load_balance_coef", "expected 0: this adapter has no learned router")
+
+    @property
+    def has_router(self) -> bool:
+        return self.method != "mlora" and self.head_weights is None
+
+    def fixed_weights(self) -> list[float] | None:
+        """The fixed per-head weights when there is no learned router, else None."""
+        if self.method == "mlora":
+            return [1.0 / self.num_heads if self.combine == "mean" else 1.0] * self.num_heads
+        return self.head_weights
+
+
+class MultiHeadLoraLinear(LoraLinear):
+    """``h = W0 x + s * sum_i w_i(x) B_i drop_i(A x)`` with all heads in one batched op."""
+
+    config_class: ClassVar[type[LoraConfig]] = MultiHeadLoraConfig
+
+    # --- parameters -----------------------------------------------------------------------------
+    def _init_adapter(self, config: MultiHeadLoraConfig) -> None:  # type: ignore[override]
+        w = self.base_layer.weight
+        n, r, d_in, d_out = config.num_heads, self.r, self.in_features, self.out_features
+        self.method = config.method
+        self.num_heads = n
+        self.per_head_dropout = config.dropout_mode == "per_head"
+        self.dropout_p = config.dropout
+        self.load_balance_coef = config.load_balance_coef
+        self.lora_A = nn.Linear(d_in, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Parameter(torch.zeros(n, d_out, r, device=w.device, dtype=w.dtype))
+        fixed = config.fixed_weights()
+        if fixed is None:
+            self.router = nn.Linear(d_in, n, bias=False, device=w.device, dtype=w.dtype)
+            self.register_buffer("head_weights", None)
+        else:
+            self.router = None
+            self.register_buffer(
+                "head_weights", torch.tensor(fixed, dtype=torch.float32, device=w.device), persistent=False
+            )
+        # not parameters: the last load-balancing loss (training only) and an optional analysis probe
+        self.last_aux_loss: torch.Tensor | None = None
+        self.router_probe: list[torch.Tensor] | None = None
+        self._reset_heads(config)
+
+    @torch.no_grad()
+    def _reset_heads(self, config: MultiHeadLoraConfig) -> None:
+        if config.init == "multihead":
+            c = self.out_features**0.25 / math.sqrt(config.gamma)
+            nn.init.normal_(self.lora_A.weight, std=c / math.sqrt(self.in_features))
+            std = torch.full((self.num_heads,), c / math.sqrt(self.out_features), dtype=torch.float64)
+            if config.init_scale == "repo":  # the factor is multiplied into a running scale per head
+                std = std * torch.tensor([c**i for i in range(self.num_heads)], dtype=torch.float64)
+            heads = torch.randn(self.lora_B.shape, dtype=torch.float64) * std[:, None, None]
+            if config.center_heads:
+                heads -= heads.mean(0, keepdim=True)  # centred in fp64, rounded once to the param dtype
+            self.lora_B.copy_(heads)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            self.lora_B.zero_()
+        if self.router is not None:
+            if config.init == "hydra":
+                nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.router.weight)  # uniform 1/N at the start
+
+    # --- router ---------------------------------------------------------------------------------
+    def router_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token head weights ``softmax(W_r x)`` in fp32, (..., N); fixed weights (N,) if no router."""
+        if self.router is None:
+            return self.head_weights
+        logits = F.linear(x.float(), self.router.weight.float())
+        return torch.softmax(logits, dim=-1)
+
+    def _load_balance_loss(self, probs: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer's ``N * sum_i f_i P_i`` (f_i: share of tokens whose top head is i)."""
+        p = probs.reshape(-1, self.num_heads)
+        f = F.one_hot(p.argmax(-1), self.num_heads).float().mean(0)
+        return self.num_heads * (f * p.mean(0)).sum()
+
+    # --- forward --------------------------------------------------------------------------------
+    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = current_context()
+        if ctx.stacked is not None and self.name in ctx.stacked:
+            raise UserError(
+                self.name, "stacked per-example adapters are plain-LoRA only; got a multi-head layer"
+            )
+        per_head = self.per_head_dropout and self.training and self.dropout_p > 0
+        # HydraLoRA: one mask on x. R-LoRA/M-LoRA: A sees x, masks come per head below.
+        phi = self.lora_A(x if self.per_head_dropout else self.lora_dropout(x))  # (..., r), computed once
+        if ctx.capture is not None:
+            ctx.capture.append((self.name, phi))
+        w = self.router_weights(x)
+        if self.router is not None:
+            if self.router_probe is not None:
+                self.router_probe.append(w.detach())
+            if self.load_balance_coef > 0 and self.training:
+                self.last_aux_loss = self._load_balance_loss(w)
+        w = (w * self.scaling).to(phi.dtype)
+        if self.router is None and not per_head:  # fixed weights, shared phi: one (d_out, r) matrix
+            return F.linear(phi, torch.einsum("n,nor->or", w, self.lora_B))
+        z = phi.unsqueeze(-2).expand(*phi.shape[:-1], self.num_heads, self.r)
+        if per_head:  # one call on the (..., N, r) tensor: an independent mask for every head
+            z = F.dropout(z, self.dropout_p, training=True)
+        z = z * w.unsqueeze(-1)  # fold the router weights in before the B contraction
+        b_flat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
+        return F.linear(z.flatten(-2), b_flat)
+
+    # --- merge ----------------------------------------------------------------------------------
+    def can_merge(self) -> str | None:
+        if self.router is not None:
+            return (
+                f"{self.method} has a learned token router, so its update depends on the input "
+                "(only mlora or a fixed head_weights router can be merged)"
+            )
+        return None
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * (sum_i w_i B_i) A`` for fixed head weights (exact: no per-head dropout at inference)."""
+        if self.router is not None:
+            raise UserError(self.name, f"cannot form a dense update: {self.can_merge()}")
+        b = torch.einsum("n,nor->or", self.head_weights.to(self.lora_B.dtype), self.lora_B)
+        return (b @ self.lora_A.weight) * self.scaling
+
+    def extra_repr(self) -> str:
+        router = "learned" if self.router is not None else "fixed"
+        dropout = "per_head" if self.per_head_dropout else "input"
+        return f"{self.method}, heads={self.num_heads}, r={self.r}, scaling={self.scaling:g}, router={router}, dropout={dropout}"
+
+
+def router_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Weighted load-balancing loss of the last training forward, averaged over router layers.
+
+    Call right after the forward pass and add it to the loss: ``loss = loss + aux`` when not None.
+    Returns None when no layer has ``load_balance_coef > 0`` or none ran in training mode since the
+    last call (stored losses are consumed, so an eval pass never leaks into a later step). With
+    *reentrant* gradient checkpointing the forward runs without a graph, so the loss would carry no
+    gradient: that is refused here rather than silently logged as a constant.
+    """
+    losses = []
+    for module in model.modules():
+        if isinstance(module, MultiHeadLoraLinear) and module.last_aux_loss is not None:
+            losses.append(module.load_balance_coef * module.last_aux_loss)
+            module.last_aux_loss = None
+    if not losses:
+        return None
+    total = torch.stack(losses).mean()
+    if torch.is_grad_enabled() and not total.requires_grad:
+        raise RuntimeError(
+            "router load-balancing loss has no gradient (reentrant gradient checkpointing?); "
+            "use gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+    return total
