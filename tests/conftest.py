@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny model folders and small user task files, no downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mtlora.testing import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def task_files(tmp_path) -> list[Path]:
+    """Two small multiple-choice tasks in the user JSONL format."""
+    sentiment = [
+        {"prompt": f"Review: the cat {w} the mat. Positive or negative?", "answer": a, "choices": ["negative", "positive"]}
+        for w, a in [("loves", "positive"), ("hates", "negative"), ("likes", "positive"), ("bites", "negative")] * 4
+    ]
+    qa = [
+        {"prompt": f"Question: what is {i} + 1? Answer:", "answer": str(i + 1), "choices": [str(i + 1), str(i + 2)]}
+        for i in range(16)
+    ]
+    return [write_jsonl(tmp_path / "sentiment.jsonl", sentiment), write_jsonl(tmp_path / "qa.jsonl", qa)]
