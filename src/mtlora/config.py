@@ -85,6 +85,24 @@ class AlignConfig:
         default=False, metadata={"help": "error (instead of skip+count) on a batch with fewer than 2 tasks"}
     )
     eps: float = field(default=1e-5, metadata={"help": "variance floor"})
+    mmd_bandwidths: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
+        metadata={"help": "log-spaced Gaussian bandwidths sigma of the MMD kernel sum"},
+    )
+    mmd_relative: bool = field(
+        default=True, metadata={"help": "bandwidths multiply the mean pairwise squared distance (detached)"}
+    )
+    mmd_tokens_per_task: int = field(default=64, metadata={"help": "tokens per task per layer kept for MMD"})
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise UserError("align.lambda", f"expected a number >= 0, got {self.lam!r}")
+        if self.eps <= 0:
+            raise UserError("align.eps", f"expected a positive number, got {self.eps!r}")
+        if not self.mmd_bandwidths or any(b <= 0 for b in self.mmd_bandwidths):
+            raise UserError("align.mmd_bandwidths", "expected a non-empty list of positive numbers")
+        if self.mmd_tokens_per_task < 2:
+            raise UserError("align.mmd_tokens_per_task", "expected an integer >= 2")
 
 
 @dataclass
