@@ -116,7 +116,23 @@ def build_objective(config: RunConfig) -> Objective:
         from mtlora.objectives.align import AlignObjective
 
         return AlignObjective(config.align)
+    if getattr(config.adapter_config(), "load_balance_coef", 0.0) > 0:
+        return _with_router_balance(supervised_lm_loss)
     return supervised_lm_loss
+
+
+def _with_router_balance(objective: Objective) -> Objective:
+    """Add the multi-head router's load-balancing loss (off by default, as in both papers)."""
+    from mtlora.adapters.multihead import router_aux_loss
+
+    def balanced(model: nn.Module, batch: dict[str, torch.Tensor]):
+        loss, logs = objective(model, batch)
+        aux = router_aux_loss(model)
+        if aux is None:
+            return loss, logs
+        return loss + aux, {**logs, "router_aux_loss": aux.detach()}
+
+    return balanced
 
 
 def total_steps(config: RunConfig, batches_per_epoch: int) -> int:

@@ -1,0 +1,126 @@
+"""Training-step time of our LoRA vs PEFT's, and vs the frozen base's forward+backward (the floor).
+
+    python benchmarks/train_step.py            # SmolLM2-135M, r=8, all linear layers, 8 x 128 tokens
+    python benchmarks/train_step.py --quick    # fewer repetitions
+
+Same configuration for all variants: LoRA r=8, alpha=16, dropout 0.05 on every linear layer but
+the LM head; a batch of 8 rows x 128 tokens whose last ``--answer-tokens`` tokens of each row are
+the supervised answer (labels -100 elsewhere), as in answer-only fine-tuning.
+
+- ours:  mtlora LoRA + answer-only loss, LM head applied only at supervised positions
+- peft:  peft.get_peft_model + the stock HF forward with ``labels`` (logits at every position)
+- floor: the frozen base, no adapter, forward + backward over the same tokens and the same loss
+         positions (our loss path; gradients flow back to the input embeddings)
+
+A step = zero_grad + forward + loss + backward (+ AdamW step for the adapters). Variants are timed
+interleaved (ours, peft, floor, ours, ...) after a warm-up, and the median of each is reported.
+Ends with ``RESULT {"lora_over_peft": ..., "lora_over_floor": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--answer-tokens", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    reps = 5 if args.quick else args.reps
+
+    import peft
+    from transformers.utils import logging as hf_logging
+
+    from mtlora.adapters import inject_adapters, make_adapter_config, trainable_parameters
+    from mtlora.models import load_model
+    from mtlora.objectives import supervised_lm_loss
+
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+
+    ours, tok = load_model(args.model)
+    inject_adapters(ours, make_adapter_config("lora", r=8, alpha=16, dropout=0.05, target_modules="all-linear"))
+    base_for_peft, _ = load_model(args.model)
+    peft_model = peft.get_peft_model(
+        base_for_peft, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+    )
+    floor, _ = load_model(args.model)
+    for p in floor.parameters():
+        p.requires_grad_(False)
+    floor.enable_input_require_grads()  # backward runs through the whole frozen network
+
+    vocab = ours.config.vocab_size
+    input_ids = torch.randint(100, vocab, (args.batch, args.seq), device=device)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -args.answer_tokens:] = input_ids[:, -args.answer_tokens:]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+             "task_ids": torch.zeros(args.batch, dtype=torch.long, device=device)}
+
+    models = {"ours": ours, "peft": peft_model, "floor": floor}
+    for m in models.values():
+        m.to(device).train()
+    optims = {
+        "ours": torch.optim.AdamW([p for _, p in trainable_parameters(ours)], lr=1e-4),
+        "peft": torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4),
+    }
+    n_ours = sum(p.numel() for _, p in trainable_parameters(ours))
+    n_peft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert n_ours == n_peft, (n_ours, n_peft)
+
+    def step(name: str) -> float:
+        model = models[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        if name == "peft":
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        else:
+            loss, _ = supervised_lm_loss(model, batch)
+        loss.backward()
+        if name in optims:
+            optims[name].step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for name in models:  # warm-up
+        step(name)
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(reps):
+        for name in models:
+            times[name].append(step(name))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    print(f"SmolLM2 step: batch {args.batch} x {args.seq} tokens, {args.answer_tokens} answer tokens/row, "
+          f"LoRA r=8 all-linear ({n_ours:,} trainable), {reps} interleaved reps, device {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'variant':<8} {'median s':>10} {'min s':>10} {'max s':>10}")
+    for name in models:
+        print(f"{name:<8} {med[name]:>10.3f} {min(times[name]):>10.3f} {max(times[name]):>10.3f}")
+    result = {
+        "lora_over_peft": round(med["ours"] / med["peft"], 4),
+        "lora_over_floor": round(med["ours"] / med["floor"], 4),
+        "median_s": {k: round(v, 4) for k, v in med.items()},
+    }
+    print(f"ours / peft  = {result['lora_over_peft']:.3f}  (target <= 0.85)")
+    print(f"ours / floor = {result['lora_over_floor']:.3f}  (target <= 1.10)")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
