@@ -107,18 +107,39 @@ class AlignConfig:
 
 @dataclass
 class MetaConfig:
-    """MeTA-LoRA's two-stage meta-learning (DESIGN.md section 4)."""
+    """MeTA-LoRA's two-stage meta-learning (DESIGN.md section 4; docs/meta_lora.md).
 
-    k: int = field(default=50, metadata={"help": "examples per task (k-shot)"})
+    The paper gives no values; the defaults are ours: k=50 is the paper's smaller k-shot setting,
+    split half support / half query (disjoint, so the query loss measures adaptation). 4+4 examples
+    per task and n=4 tasks give a 32-example meta-batch, like an 8-example LoRA step per stage. S=1
+    inner step with first order is the cheap standard of first-order MAML/Reptile-style LLM work;
+    alpha=1e-2 is an SGD step that moves a fresh LoRA measurably (LoRA gradients are small) without
+    overshooting; beta=1e-3 is the AdamW lr our plain-LoRA demo uses. ``mean`` aggregation keeps the
+    outer step size independent of n.
+    """
+
+    k: int = field(default=50, metadata={"help": "examples per task (k-shot: the first k of the train split)"})
+    support_fraction: float = field(default=0.5, metadata={"help": "share of the k shots in the support pool"})
     support_size: int = field(default=4, metadata={"help": "support examples per task per meta-iteration"})
     query_size: int = field(default=4, metadata={"help": "query examples per task per meta-iteration"})
     tasks_per_iter: int = field(default=4, metadata={"help": "n tasks per meta-iteration"})
     inner_steps: int = field(default=1, metadata={"help": "S inner SGD steps (stage 1)"})
-    inner_lr: float = field(default=1e-3, metadata={"help": "alpha, inner learning rate"})
-    outer_lr: float = field(default=2e-4, metadata={"help": "beta, outer (meta) learning rate"})
-    aggregation: Literal["mean", "sum", "weighted"] = "mean"
-    second_order: bool = False
-    iterations: int = field(default=100, metadata={"help": "meta-iterations"})
+    inner_lr: float = field(default=1e-2, metadata={"help": "alpha, inner (SGD) learning rate"})
+    outer_lr: float = field(default=1e-3, metadata={"help": "beta, outer (AdamW) learning rate"})
+    aggregation: Literal["mean", "sum", "weighted"] = field(
+        default="mean", metadata={"help": "of the n query losses: mean, sum, or weighted by answer tokens"}
+    )
+    second_order: bool = field(default=False, metadata={"help": "differentiate through the inner steps"})
+    iterations: int = field(default=100, metadata={"help": "meta-iterations (outer optimiser steps)"})
+
+    def __post_init__(self) -> None:
+        for name in ("k", "support_size", "query_size", "tasks_per_iter", "inner_steps", "iterations"):
+            if getattr(self, name) < 1:
+                raise UserError(f"meta.{name}", "expected an integer >= 1")
+        if not 0 < self.support_fraction < 1:
+            raise UserError("meta.support_fraction", "expected a number in (0, 1)")
+        if self.inner_lr <= 0 or self.outer_lr <= 0:
+            raise UserError("meta.inner_lr" if self.inner_lr <= 0 else "meta.outer_lr", "expected a positive number")
 
 
 @dataclass
