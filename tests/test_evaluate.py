@@ -52,14 +52,14 @@ def assert_close(a, b, tol=1e-4):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_shared_and_per_choice_match_unbatched_reference(arch, batch_size):
+def test_shared_and_per_choice_match_unbatched_reference(arch):
     model, tok = tiny_model(arch)
     ref = reference_logliks(model, tok, MC)
-    shared = score_choices(model, tok, MC, method="shared", batch_size=batch_size)
-    per_choice = score_choices(model, tok, MC, method="per_choice", batch_size=batch_size)
-    assert_close(shared, ref)
-    assert_close(per_choice, ref)
+    for batch_size in (1, 4):  # 4: a batch mixing prompt lengths (left padding) and choice counts
+        shared = score_choices(model, tok, MC, method="shared", batch_size=batch_size)
+        per_choice = score_choices(model, tok, MC, method="per_choice", batch_size=batch_size)
+        assert_close(shared, ref)
+        assert_close(per_choice, ref)
     assert all(v < 0 for row in shared for v in row)
 
 
