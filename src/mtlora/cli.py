@@ -160,6 +160,25 @@ def demo_command(
                   f"adapter: {result['paths']['adapter']}")
 
 
+@app.command("bench")
+def bench_cli(
+    config: Annotated[Path, typer.Argument(help="bench YAML (e.g. configs/bench/cpu.yaml)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. seeds=[0]")] = None,
+    budgets: Annotated[bool, typer.Option(help="only count each method's trainable parameters")] = False,
+    only: Annotated[list[str] | None, typer.Option(help="run only these methods (repeatable)")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars (in-process cells)")] = True,
+) -> None:
+    """Run a grid of methods x seeds: results.json, table.md, chart.png (resumable; exit 1 if a cell failed)."""
+    from mtlora.bench import bench_command
+
+    _quiet_libraries()
+    command = " ".join(["mtlora bench", str(config), *(overrides or []), *(f"--only {m}" for m in only or [])])
+    code = bench_command(config, overrides or [], budgets_only=budgets, only=only, progress=progress,
+                         echo=lambda text: console.print(text, markup=False, highlight=False), command=command)
+    if code:
+        sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: user errors -> one line + exit 2; bugs keep their traceback."""
     try:

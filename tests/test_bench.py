@@ -1,0 +1,163 @@
+"""The bench grid on the tiny model: outputs, resume/skip, a crashing cell, matched budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtlora.bench import (
+    bench_from_dict,
+    budget_report,
+    check_orderings,
+    lora_parameter_count,
+    matched_lora_rank,
+    multihead_parameter_count,
+    run_bench,
+)
+from mtlora.errors import UserError
+
+TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _bench(tmp_path: Path, model: Path, tasks: list[Path], methods: dict, seeds=(0, 1), isolate=False):
+    raw = {
+        "title": "tiny grid",
+        "output_dir": str(tmp_path / "bench"),
+        "seeds": list(seeds),
+        "isolate": isolate,
+        "base": {
+            "model": str(model),
+            "tasks": [str(t) for t in tasks],
+            "adapter": {"r": 2, "alpha": 4, "target_modules": TARGETS},
+            "data": {"max_length": 32, "max_eval_per_task": 4},
+            "train": {"batch_size": 4, "max_steps": 2, "save_every": 1, "log_every": 1},
+            "eval": {"batch_size": 8},
+        },
+        "methods": methods,
+    }
+    return bench_from_dict(raw, source="tiny.yaml")
+
+
+METHODS = {
+    "zero_shot": {"role": "zero_shot", "eval_only": True},
+    "lora": {"role": "lora"},
+    "rlora": {"role": "rlora", "method": "rlora", "adapter": {"num_heads": 3}},
+}
+
+
+def test_grid_writes_outputs_and_skips_finished_cells(tmp_path, tiny_model_dir, task_files):
+    bench = _bench(tmp_path, tiny_model_dir, task_files, METHODS)
+    lines: list[str] = []
+    outcome = run_bench(bench, progress=False, echo=lines.append, command="mtlora bench tiny.yaml")
+    # the eval-only method runs once; the trained ones at both seeds, seed-major
+    assert outcome.ran == ["zero_shot/seed0", "lora/seed0", "rlora/seed0", "lora/seed1", "rlora/seed1"]
+    assert not outcome.failed
+    out = tmp_path / "bench"
+    results = json.loads((out / "results.json").read_text())
+    methods = results["aggregate"]["methods"]
+    assert methods["lora"]["seeds_done"] == [0, 1] and methods["zero_shot"]["seeds_done"] == [0]
+    assert methods["lora"]["macro"]["std"] is not None and methods["zero_shot"]["macro"]["std"] is None
+    assert methods["zero_shot"]["trainable_parameters"] == 0
+    # the counted budget equals what training reports
+    assert methods["rlora"]["budget_parameters"] == methods["rlora"]["trainable_parameters"] > 0
+    table = (out / "table.md").read_text()
+    assert "mtlora bench tiny.yaml" in table and "theirs: Qwen2.5-3B" in table
+    assert "R-LoRA > HydraLoRA | - | - | - | - | not run" in table  # no HydraLoRA in this grid
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    cell = out / "cells" / "lora" / "seed1"
+    assert yaml.safe_load((cell / "cell.yaml").read_text())["train"]["seed"] == 1
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/cell.json")}
+    assert len(mtimes) == 5
+
+    again = run_bench(bench, progress=False, echo=lines.append)
+    assert again.ran == [] and len(again.skipped) == 5
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/cell.json")} == mtimes
+
+
+def test_failing_cell_is_recorded_and_the_rest_complete(tmp_path, tiny_model_dir, task_files, monkeypatch):
+    import mtlora.train as train_module
+
+    real_train = train_module.train
+
+    def flaky(config, **kwargs):
+        if config.method == "rlora":
+            raise RuntimeError("boom in rlora")
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", flaky)
+    bench = _bench(tmp_path, tiny_model_dir, task_files, {k: METHODS[k] for k in ("lora", "rlora")}, seeds=(0,))
+    outcome = run_bench(bench, progress=False, echo=lambda _: None)
+    assert outcome.failed == ["rlora/seed0"] and outcome.ran == ["lora/seed0"]
+    error = (tmp_path / "bench" / "cells" / "rlora" / "seed0" / "error.txt").read_text()
+    assert "RuntimeError: boom in rlora" in error
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert results["aggregate"]["failed"][0]["cell"] == "rlora/seed0"
+    assert "lora" in results["aggregate"]["methods"] and "macro" in results["aggregate"]["methods"]["lora"]
+
+    monkeypatch.setattr(train_module, "train", real_train)  # fixed: a rerun only runs the failed cell
+    outcome = run_bench(bench, progress=False, echo=lambda _: None)
+    assert outcome.ran == ["rlora/seed0"] and outcome.skipped == ["lora/seed0"] and not outcome.failed
+    assert not (tmp_path / "bench" / "cells" / "rlora" / "seed0" / "error.txt").exists()
+
+
+def test_crashing_subprocess_cell_is_isolated(tmp_path, tiny_model_dir, task_files):
+    """In subprocess mode a cell that dies is recorded from its exit code and log; the grid goes on."""
+    methods = {"broken": {"role": "lora", "tasks": [str(tmp_path / "missing.jsonl")]}}
+    bench = _bench(tmp_path, tiny_model_dir, task_files, methods, seeds=(0,), isolate=True)
+    outcome = run_bench(bench, progress=False, echo=lambda _: None)
+    assert outcome.failed == ["broken/seed0"]
+    cell = tmp_path / "bench" / "cells" / "broken" / "seed0"
+    assert "missing.jsonl" in (cell / "error.txt").read_text()
+    assert (cell / "log.txt").is_file()
+
+
+def test_matched_budget_by_hand(tmp_path, tiny_model_dir, task_files):
+    """Tiny llama: hidden 32, intermediate 64, 2 layers; gate/up 32->64, down 64->32."""
+    shapes = [(32, 64), (32, 64), (64, 32)] * 2
+    assert lora_parameter_count(shapes, 8) == 8 * 96 * 6 == 4608
+    # R-LoRA 5 heads r=4: A 4*d_in + heads 5*d_out*4 + router 5*d_in
+    rlora = 2 * (2 * (4 * 32 + 5 * 64 * 4 + 5 * 32) + (4 * 64 + 5 * 32 * 4 + 5 * 64))
+    assert multihead_parameter_count(shapes, 4, 5, router=True) == rlora == 8704
+    assert multihead_parameter_count(shapes, 4, 5, router=False) == 8704 - 2 * (5 * 32 * 2 + 5 * 64)
+    assert matched_lora_rank(shapes, rlora) == 15  # 15 * 576 = 8640 is closest to 8704
+    assert matched_lora_rank(shapes, 4608) == 8
+
+    methods = {
+        "lora": {"adapter": {"r": 8}},
+        "rlora": {"method": "rlora", "adapter": {"r": 4, "num_heads": 5}},
+        "mlora": {"method": "mlora", "adapter": {"r": 4, "num_heads": 5}},
+    }
+    rows = {r["method"]: r for r in budget_report(_bench(tmp_path, tiny_model_dir, task_files, methods))}
+    assert rows["lora"]["trainable_parameters"] == 4608  # injected into the model and counted
+    assert rows["rlora"]["trainable_parameters"] == 8704 and rows["rlora"]["matched_lora_rank"] == 15
+    assert rows["mlora"]["trainable_parameters"] == 8704 - 2 * 640  # no router: 5*(32+32+64) per layer
+
+
+def test_orderings_verdicts():
+    def entry(role, values):
+        mean = sum(values) / len(values)
+        std = None if len(values) < 2 else (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        return {"role": role, "macro": {"mean": mean, "std": std, "values": values}}
+
+    methods = {
+        "a": entry("align_kl", [60.0, 62.0]),  # mean 61, std 1.41
+        "m": entry("mlora", [50.0, 52.0]),  # mean 51
+        "r": entry("rlora", [51.0, 53.0]),  # mean 52 > mlora: "M-LoRA > R-LoRA" fails within spread
+    }
+    rows = {o["claim"]: o for o in check_orderings(methods)}
+    assert rows["A-LoRA-K > M-LoRA"]["verdict"] == "held (beyond the seed spread)"
+    assert rows["M-LoRA > R-LoRA"]["verdict"] == "did not hold (within the seed spread)"
+    assert rows["R-LoRA > HydraLoRA"]["verdict"] == "not run"
+
+
+def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):
+    with pytest.raises(UserError, match="unknown key 'method'"):
+        bench_from_dict({"base": {}, "methods": {"a": {}}, "output_dir": "x", "method": "lora"})
+    with pytest.raises(UserError, match="role"):
+        bench_from_dict({"base": {}, "methods": {"a": {"role": "best"}}, "output_dir": "x"})
+    bench = _bench(tmp_path, tiny_model_dir, task_files, {"bad": {"adapter": {"rank": 3}}}, seeds=(0,))
+    with pytest.raises(UserError, match="rank"):
+        run_bench(bench, progress=False, echo=lambda _: None)
