@@ -14,6 +14,16 @@ from mtlora.data.example import Example
 from mtlora.evaluate import EvalReport, encode_pair, evaluate, normalize_answer, render_table, score_choices
 from mtlora.testing import TINY_ARCHS, tiny_model, tiny_tokenizer
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy models gain nothing from threads, and on a shared, busy CPU OpenMP spin-waits make them slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 MC = [
     # choices of very different token lengths, one single-token choice
     Example("fox", "The quick brown fox", "jumps", ("jumps", "sat on the mat because it was tired", "z"), 0),
@@ -56,11 +66,18 @@ def test_shared_and_per_choice_match_unbatched_reference(arch):
     model, tok = tiny_model(arch)
     ref = reference_logliks(model, tok, MC)
     for batch_size in (1, 4):  # 4: a batch mixing prompt lengths (left padding) and choice counts
-        shared = score_choices(model, tok, MC, method="shared", batch_size=batch_size)
-        per_choice = score_choices(model, tok, MC, method="per_choice", batch_size=batch_size)
-        assert_close(shared, ref)
-        assert_close(per_choice, ref)
-    assert all(v < 0 for row in shared for v in row)
+        for method in ev.METHODS:  # shared (KV cache), packed (block mask), per_choice (naive)
+            got = score_choices(model, tok, MC, method=method, batch_size=batch_size)
+            assert_close(got, ref)
+            assert all(v < 0 for row in got for v in row)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_packed_block_mask_also_under_eager_attention(arch):
+    model, tok = tiny_model(arch)
+    ref = reference_logliks(model, tok, MC)
+    model.config._attn_implementation = "eager"  # the float block mask must mean the same to eager
+    assert_close(score_choices(model, tok, MC, method="packed", batch_size=4), ref)
 
 
 def test_encode_pair_follows_lm_eval():
@@ -127,7 +144,9 @@ def test_task_ids_reach_adapters_in_both_methods(arch):
     names = ["other", "qa", "fox"]  # explicit mapping: fox -> 2, qa -> 1
     shared = score_choices(model, tok, MC, method="shared", task_names=names, batch_size=2)
     per_choice = score_choices(model, tok, MC, method="per_choice", task_names=names, batch_size=2)
+    packed = score_choices(model, tok, MC, method="packed", task_names=names, batch_size=2)
     assert_close(shared, per_choice)  # each choice row carries its own example's task id
+    assert_close(packed, per_choice)
     assert max(abs(a - b) for ra, rb in zip(shared, plain, strict=True) for a, b in zip(ra, rb, strict=True)) > 1e-3
     assert {i for call in seen for i in call} == {1, 2}
     with pytest.raises(ValueError, match="not in task_names"):
@@ -213,4 +232,4 @@ def test_render_table_side_by_side():
 def test_bad_method_rejected():
     model, tok = tiny_model("llama")
     with pytest.raises(ValueError, match="method"):
-        score_choices(model, tok, MC[:1], method="packed")
+        score_choices(model, tok, MC[:1], method="bogus")

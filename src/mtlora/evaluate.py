@@ -44,8 +44,8 @@ import torch
 from mtlora.adapters.context import forward_context
 from mtlora.data.example import Example
 
-Method = Literal["shared", "per_choice"]
-METHODS: tuple[str, ...] = ("shared", "per_choice")
+Method = Literal["shared", "packed", "per_choice"]
+METHODS: tuple[str, ...] = ("shared", "packed", "per_choice")
 
 __all__ = [
     "EvalReport",
@@ -252,6 +252,72 @@ def _score_batch_per_choice(
     return result
 
 
+def _score_batch_packed(model, encs: list[_Encoded], task_ids: torch.Tensor, pad_id: int) -> list[list[float]]:
+    """One forward per batch: each row packs ``ctx + cont_1[:-1] + cont_2[:-1] + ...`` of one example.
+
+    A block attention mask lets choice tokens see the prompt and earlier tokens of their own choice
+    only, and position ids restart at ``len(ctx)`` for every choice, so each choice is scored exactly
+    as if it followed the prompt alone. Same work as ``shared`` minus the second call and the cache
+    copies; needs an attention implementation that takes a 4D float mask (eager, sdpa).
+    """
+    device = _device(model)
+    result = [[0.0] * len(e.conts) for e in encs]
+    seqs, poss, segs = [], [], []
+    for e in encs:
+        p = len(e.ctx)
+        ids, pos, seg = list(e.ctx), list(range(p)), [0] * p
+        for j, c in enumerate(e.conts):
+            ids += c[:-1]
+            pos += range(p, p + len(c) - 1)
+            seg += [j + 1] * (len(c) - 1)
+        seqs.append(ids)
+        poss.append(pos)
+        segs.append(seg)
+    width = max(len(s) for s in seqs)
+    n = len(encs)
+    ids_t = torch.full((n, width), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((n, width), dtype=torch.long)
+    seg_t = torch.full((n, width), -1, dtype=torch.long)
+    for b, (s, p, g) in enumerate(zip(seqs, poss, segs, strict=True)):  # left padding
+        ids_t[b, width - len(s):] = torch.tensor(s)
+        pos_t[b, width - len(s):] = torch.tensor(p)
+        seg_t[b, width - len(s):] = torch.tensor(g)
+    ids_t, pos_t, seg_t = ids_t.to(device), pos_t.to(device), seg_t.to(device)
+    q, k = seg_t[:, :, None], seg_t[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = causal & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool, device=device) & (q < 0)  # padding sees itself: no NaN rows
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((n, 1, width, width), dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    # (row, column, target, example, choice) of every continuation token to score
+    rows, cols, tgts, owner = [], [], [], []
+    keep = 1
+    for b, e in enumerate(encs):
+        start = width - len(seqs[b])
+        last_ctx = start + len(e.ctx) - 1
+        keep = max(keep, width - last_ctx)
+        col = last_ctx + 1
+        for j, c in enumerate(e.conts):
+            for t, tok in enumerate(c):
+                rows.append(b)
+                cols.append(last_ctx if t == 0 else col + t - 1)
+                tgts.append(tok)
+                owner.append((b, j))
+            col += max(len(c) - 1, 0)
+    if not rows:
+        return result
+    with forward_context(task_ids=task_ids):
+        out = model(input_ids=ids_t, attention_mask=mask, position_ids=pos_t, use_cache=False, logits_to_keep=keep)
+    r = torch.tensor(rows, device=device)
+    c = torch.tensor(cols, device=device) - (width - keep)
+    lp = _token_logprobs(out.logits[r, c], torch.tensor(tgts, device=device)).tolist()
+    for (b, j), v in zip(owner, lp, strict=True):
+        result[b][j] += v
+    return result
+
+
 class _EvalMode:
     """``model.eval()`` + ``torch.inference_mode()`` for the block; restores the previous training mode."""
 
@@ -305,7 +371,9 @@ def _score_mc(
     # Longest first (like lm-eval): similar lengths share a batch, so little padding, and an
     # out-of-memory error shows up on the first batch rather than the last.
     order = sorted(range(len(encs)), key=lambda i: -(len(encs[i].ctx) + max(map(len, encs[i].conts))))
-    score_batch = _score_batch_shared if method == "shared" else _score_batch_per_choice
+    score_batch = {
+        "shared": _score_batch_shared, "packed": _score_batch_packed, "per_choice": _score_batch_per_choice
+    }[method]
     pad_id = _pad_id(tokenizer)
     device = _device(model)
     out: list[list[float]] = [[] for _ in encs]
