@@ -161,3 +161,32 @@ def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):
     bench = _bench(tmp_path, tiny_model_dir, task_files, {"bad": {"adapter": {"rank": 3}}}, seeds=(0,))
     with pytest.raises(UserError, match="rank"):
         run_bench(bench, progress=False, echo=lambda _: None)
+
+
+def test_cli_budgets_and_user_error(monkeypatch, capsys, tmp_path, tiny_model_dir, task_files):
+    import sys
+
+    from mtlora.cli import main
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["mtlora", "bench", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "base": {"model": str(tiny_model_dir), "tasks": [str(t) for t in task_files],
+                 "adapter": {"target_modules": TARGETS}},
+        "methods": {"lora": {"adapter": {"r": 8}}, "rlora": {"method": "rlora", "adapter": {"r": 4, "num_heads": 5}}},
+    }))
+    code, out, _ = cli(str(config), "--budgets")
+    assert code == 0
+    assert "4,608" in out and "8,704" in out and "closest LoRA rank: r=15" in out
+    code, _, err = cli(str(config), "seeds=[0,0]")
+    assert code == 2 and err.startswith("error: ") and "seed is listed twice" in err

@@ -174,7 +174,8 @@ def bench_cli(
     _quiet_libraries()
     command = " ".join(["mtlora bench", str(config), *(overrides or []), *(f"--only {m}" for m in only or [])])
     code = bench_command(config, overrides or [], budgets_only=budgets, only=only, progress=progress,
-                         echo=lambda text: console.print(text, markup=False, highlight=False), command=command)
+                         echo=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+                         command=command)
     if code:
         sys.exit(code)
 
