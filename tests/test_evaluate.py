@@ -66,18 +66,18 @@ def test_shared_and_per_choice_match_unbatched_reference(arch):
     model, tok = tiny_model(arch)
     ref = reference_logliks(model, tok, MC)
     for batch_size in (1, 4):  # 4: a batch mixing prompt lengths (left padding) and choice counts
-        for method in ev.METHODS:  # shared (KV cache), packed (block mask), per_choice (naive)
+        for method in ev.METHODS:  # shared (packed, block mask), kv_cache, per_choice (naive)
             got = score_choices(model, tok, MC, method=method, batch_size=batch_size)
             assert_close(got, ref)
             assert all(v < 0 for row in got for v in row)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_packed_block_mask_also_under_eager_attention(arch):
+def test_shared_block_mask_also_under_eager_attention(arch):
     model, tok = tiny_model(arch)
     ref = reference_logliks(model, tok, MC)
     model.config._attn_implementation = "eager"  # the float block mask must mean the same to eager
-    assert_close(score_choices(model, tok, MC, method="packed", batch_size=4), ref)
+    assert_close(score_choices(model, tok, MC, method="shared", batch_size=4), ref)
 
 
 def test_encode_pair_follows_lm_eval():
@@ -144,9 +144,9 @@ def test_task_ids_reach_adapters_in_both_methods(arch):
     names = ["other", "qa", "fox"]  # explicit mapping: fox -> 2, qa -> 1
     shared = score_choices(model, tok, MC, method="shared", task_names=names, batch_size=2)
     per_choice = score_choices(model, tok, MC, method="per_choice", task_names=names, batch_size=2)
-    packed = score_choices(model, tok, MC, method="packed", task_names=names, batch_size=2)
+    kv_cache = score_choices(model, tok, MC, method="kv_cache", task_names=names, batch_size=2)
     assert_close(shared, per_choice)  # each choice row carries its own example's task id
-    assert_close(packed, per_choice)
+    assert_close(kv_cache, per_choice)
     assert max(abs(a - b) for ra, rb in zip(shared, plain, strict=True) for a, b in zip(ra, rb, strict=True)) > 1e-3
     assert {i for call in seen for i in call} == {1, 2}
     with pytest.raises(ValueError, match="not in task_names"):
@@ -233,3 +233,13 @@ def test_bad_method_rejected():
     model, tok = tiny_model("llama")
     with pytest.raises(ValueError, match="method"):
         score_choices(model, tok, MC[:1], method="bogus")
+
+
+def test_shared_falls_back_to_kv_cache_without_custom_masks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ev, "_score_batch_kv_cache", lambda m, encs, *a: calls.append(1) or [[0.0] * len(e.conts)
+                                                                                              for e in encs])
+    model, tok = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"  # takes no 4D block mask
+    score_choices(model, tok, MC[:2], method="shared")
+    assert calls

@@ -12,11 +12,17 @@ Multiple choice follows lm-evaluation-harness exactly, so numbers are comparable
 - ``acc_norm``: argmax of ``loglik / len(choice)``, the length of the raw choice in characters
   *without* the delimiter (lm-eval ``process_results``: ``completion_len = [len(i) for i in choices]``).
 
-Why two scoring methods. ``method="shared"`` (default) runs each example's prompt once with a KV cache,
-then scores all its choices as one batch against that cache (the cache rows are gathered per choice
-with ``DynamicCache.batch_select_indices``). The prompt, usually the longest part, is computed once
-instead of once per choice. ``method="per_choice"`` is the naive reference (one row ``prompt + choice``
-per choice); both give the same log-likelihoods up to float rounding and the tests hold them to it.
+Scoring methods; all three give the same log-likelihoods up to float rounding (the tests hold them
+to 1e-4 against an unbatched, unpadded reference), and the first two compute each prompt only once:
+
+- ``"shared"`` (default): one forward per batch; each row packs one example as
+  ``prompt + choice_1[:-1] + choice_2[:-1] + ...`` with a block attention mask (a choice token sees the
+  prompt and its own earlier tokens only) and position ids restarting at ``len(prompt)`` for every
+  choice. The last prompt token's logits score every choice's first token.
+- ``"kv_cache"``: runs the prompts once with a KV cache, gathers one cache row per choice
+  (``DynamicCache.batch_select_indices``) and scores all choices of the batch as one second call.
+  Used by ``"shared"`` when the attention implementation cannot take a custom 4D mask (flash-attn).
+- ``"per_choice"``: the naive reference, one row ``prompt + choice`` per choice.
 Only the logits that score a continuation token are computed (``logits_to_keep``), never the full
 ``(rows, seq, vocab)`` tensor.
 
@@ -44,8 +50,8 @@ import torch
 from mtlora.adapters.context import forward_context
 from mtlora.data.example import Example
 
-Method = Literal["shared", "packed", "per_choice"]
-METHODS: tuple[str, ...] = ("shared", "packed", "per_choice")
+Method = Literal["shared", "kv_cache", "per_choice"]
+METHODS: tuple[str, ...] = ("shared", "kv_cache", "per_choice")
 
 __all__ = [
     "EvalReport",
@@ -178,7 +184,7 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _score_batch_shared(model, encs: list[_Encoded], task_ids: torch.Tensor, pad_id: int) -> list[list[float]]:
+def _score_batch_kv_cache(model, encs: list[_Encoded], task_ids: torch.Tensor, pad_id: int) -> list[list[float]]:
     """Prompt pass once per example, then every choice of the batch as one pass against the cache."""
     device = _device(model)
     ids, mask, pos = _left_pad([e.ctx for e in encs], pad_id, device)
@@ -257,8 +263,10 @@ def _score_batch_packed(model, encs: list[_Encoded], task_ids: torch.Tensor, pad
 
     A block attention mask lets choice tokens see the prompt and earlier tokens of their own choice
     only, and position ids restart at ``len(ctx)`` for every choice, so each choice is scored exactly
-    as if it followed the prompt alone. Same work as ``shared`` minus the second call and the cache
-    copies; needs an attention implementation that takes a 4D float mask (eager, sdpa).
+    as if it followed the prompt alone. The prompt is still computed once per example. Same work as
+    ``kv_cache`` minus its second model call and cache copies (measurably faster on CPU, where each
+    call's per-op overhead counts); needs an attention implementation that takes a 4D float mask
+    (eager, sdpa), otherwise ``method="shared"`` falls back to ``kv_cache``.
     """
     device = _device(model)
     result = [[0.0] * len(e.conts) for e in encs]
@@ -371,8 +379,10 @@ def _score_mc(
     # Longest first (like lm-eval): similar lengths share a batch, so little padding, and an
     # out-of-memory error shows up on the first batch rather than the last.
     order = sorted(range(len(encs)), key=lambda i: -(len(encs[i].ctx) + max(map(len, encs[i].conts))))
+    if method == "shared" and getattr(model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        method = "kv_cache"  # e.g. flash-attention kernels take no custom 4D mask: share through the cache
     score_batch = {
-        "shared": _score_batch_shared, "packed": _score_batch_packed, "per_choice": _score_batch_per_choice
+        "shared": _score_batch_packed, "kv_cache": _score_batch_kv_cache, "per_choice": _score_batch_per_choice
     }[method]
     pad_id = _pad_id(tokenizer)
     device = _device(model)
