@@ -91,10 +91,14 @@ class TaskStats:
     n_layers: int
 
     def gaussians(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means and floored variances (biased, ``E[x^2] - E[x]^2``); empty groups give mean 0."""
-        n = self.count.clamp_min(1).unsqueeze(-1).to(self.sum.dtype)
-        mu = self.sum / n
-        var = (self.sumsq / n - mu * mu).clamp_min(0.0) + eps
+        """Means and floored variances (biased, ``E[x^2] - E[x]^2``); empty groups give mean 0.
+
+        Formed in fp64 (tensors of size K x C, so free): ``E[x^2] - E[x]^2`` cancels badly in fp32
+        when the spread is small next to the mean, as with few rows per position.
+        """
+        n = self.count.clamp_min(1).unsqueeze(-1).double()
+        mu = self.sum.double() / n
+        var = (self.sumsq.double() / n - mu * mu).clamp_min(0.0) + eps
         return mu, var
 
 
@@ -202,7 +206,7 @@ def kl_from_stats(stats: TaskStats, reduction: str = "mean", eps: float = 1e-5) 
         per_layer = terms.new_zeros(terms.shape[0], stats.n_layers).index_add_(
             1, stats.layer_of_channel, terms
         )
-        return pair_reduce(per_layer.T, reduction).mean()
+        return pair_reduce(per_layer.T, reduction).mean().float()
     # per position: (K, T, C); a pair counts at the positions where both tasks have >= 2 rows
     task_present = (stats.count >= 2).any(1)
     i, j = _present_pairs(task_present.long(), min_count=1)
@@ -217,7 +221,7 @@ def kl_from_stats(stats: TaskStats, reduction: str = "mean", eps: float = 1e-5) 
         return None
     keep = n_valid > 0
     per_pair = (per_layer * valid.unsqueeze(-1)).sum(1)[keep] / n_valid[keep].unsqueeze(-1)  # (P', L)
-    return pair_reduce(per_pair.T, reduction).mean()
+    return pair_reduce(per_pair.T, reduction).mean().float()
 
 
 def inter_task_kl(
