@@ -69,11 +69,22 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="continue from the output folder's checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    num_processes: Annotated[
+        int, typer.Option(help="data-parallel processes: re-launches itself via accelerate launch")
+    ] = 1,
 ) -> None:
     """Train an adapter as the config says (LoRA, HydraLoRA, R-LoRA, M-LoRA, Align-LoRA, MeTA-LoRA)."""
     from mtlora.config import load_config
 
     cfg = load_config(config, overrides or [])
+    if cfg.method == "meta_lora" and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from mtlora.distributed import relaunch_train
+
+        flags = [f"--{'' if on else 'no-'}{name}" for name, on in (("progress", progress),)]
+        flags += [f"--{name}" for name, on in (("resume", resume), ("overwrite", overwrite)) if on]
+        raise typer.Exit(relaunch_train(num_processes, [str(config), *(overrides or []), *flags]))
     _quiet_libraries()
     if cfg.method == "meta_lora":
         from mtlora.meta import train_meta
@@ -83,6 +94,8 @@ def train_command(
         from mtlora.train import train
 
         summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under accelerate launch, rank 0 alone reports
     _print_eval(summary["evals"][-1] if summary.get("evals") else None)
     console.print(f"adapter: {summary['adapter']}")
 

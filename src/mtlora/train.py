@@ -5,6 +5,13 @@
                                       grad_accum micro-batches -> objective -> backward
                                       clip -> AdamW step -> cosine schedule -> log / eval / checkpoint
 
+Data parallelism (``accelerate launch --num_processes N``, or ``mtlora train --num-processes N``;
+``mtlora.distributed`` explains the loss weighting): ``train.batch_size`` is the micro-batch *per
+process*, so the global batch is ``batch_size * N`` and every rank takes a contiguous slice of it;
+the loss and the final adapter equal those of one process with ``batch_size * N`` (to rounding).
+Rank 0 alone writes the output folder, checkpoints, logs and progress; every rank loads a checkpoint
+on resume (each restores its own RNG state).
+
 Checkpoints (``<output_dir>/checkpoint/``) hold the adapter (PEFT layout) and ``trainer_state.pt``:
 optimiser, scheduler, every RNG, the sampler's position and the log history, written atomically
 (temporary folder + rename). ``resume=True`` restores all of it, so on CPU an interrupted run
@@ -41,6 +48,8 @@ from mtlora.data.collate import TaskCollator
 from mtlora.data.example import Example
 from mtlora.data.samplers import MultiTaskBatchSampler, make_batch_sampler
 from mtlora.data.tasks import load_tasks
+from mtlora.distributed import Dist, seed_rank
+from mtlora.distributed import setup as setup_distributed
 from mtlora.errors import UserError
 from mtlora.models import load_model
 from mtlora.objectives import supervised_lm_loss
@@ -107,15 +116,21 @@ def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     seed_everything(config.train.seed)  # adapter init depends on the seed only
     inject_adapters(model, config.adapter_config())
     collator = TaskCollator(tokenizer, task_names, config.data.max_length)
+    if world_size > 1:
+        seed_rank(config.train.seed, rank)  # same init everywhere, a dropout stream per rank
     return Run(config, model, tokenizer, task_names, train_examples, eval_examples, collator, world_size, rank)
 
 
-def build_objective(config: RunConfig) -> Objective:
-    """The loss of a method: LM loss on answer tokens, plus the method's own terms."""
+def build_objective(config: RunConfig, *, num_tasks: int | None = None, reduce_fn=None) -> Objective:
+    """The loss of a method: LM loss on answer tokens, plus the method's own terms.
+
+    ``num_tasks``/``reduce_fn`` are Align-LoRA's data-parallel hooks: a fixed task count (so every
+    rank's statistics have one shape) and the all-reduce of its per-task statistics.
+    """
     if config.method == "align_lora":
         from mtlora.objectives.align import AlignObjective
 
-        return AlignObjective(config.align)
+        return AlignObjective(config.align, num_tasks=num_tasks, reduce_fn=reduce_fn)
     if getattr(config.adapter_config(), "load_balance_coef", 0.0) > 0:
         return _with_router_balance(supervised_lm_loss)
     return supervised_lm_loss
@@ -151,7 +166,8 @@ def micro_batches(run: Run, sampler: MultiTaskBatchSampler) -> Iterator[dict[str
             yield run.collator([run.train_examples[i] for i in indices])
 
 
-def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
+def prepare_output_dir(path: Path, resume: bool, overwrite: bool, *, create: bool = True) -> None:
+    """Check the output folder (and, with ``create``, empty/create it: rank 0 only, the others check)."""
     if resume:
         if not (path / CHECKPOINT_DIR / STATE_FILE).is_file():
             raise UserError(path, "nothing to resume: no checkpoint in this output folder")
@@ -159,43 +175,76 @@ def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> None:
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise UserError(path, "output folder exists and is not empty; pass --overwrite or --resume")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+        if create:
+            shutil.rmtree(path)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def save_checkpoint(
-    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, state: TrainState, out: Path
+    run: Run,
+    optimizer,
+    scheduler,
+    sampler: MultiTaskBatchSampler,
+    state: TrainState,
+    out: Path,
+    dist: Dist | None = None,
 ) -> None:
+    """Write the checkpoint atomically. Distributed: every rank must call it (their RNG states are
+    gathered); rank 0 alone writes. Optimiser and adapter are replicas, so rank 0's are everyone's."""
+    dist = dist or Dist()
+    rng_per_rank = dist.gather_object(_rng_state())
     trainer_state = {
         "step": state.step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        "rng": rng_per_rank[0],
         "history": state.history,
         "evals": state.evals,
     }
+    if dist.world_size > 1:
+        trainer_state["rng_per_rank"] = rng_per_rank
+    if not dist.is_main and not dist.sharded:
+        return
 
     def write(tmp: Path) -> None:
         save_adapter(run.model, tmp / ADAPTER_DIR, extra=adapter_extra(run))
         torch.save(trainer_state, tmp / STATE_FILE)
 
-    atomic_write_dir(out / CHECKPOINT_DIR, write)
+    with dist.full_params(run.model):
+        if dist.is_main:
+            atomic_write_dir(out / CHECKPOINT_DIR, write)
 
 
-def load_checkpoint(run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path) -> TrainState:
+def load_checkpoint(
+    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path, dist: Dist | None = None
+) -> TrainState:
+    """Restore a checkpoint (every rank loads it). A rank restores its own RNG state when the world
+    size is the one that saved it, else rank 0's (dropout masks then differ from the first run)."""
+    dist = dist or Dist()
     ckpt = out / CHECKPOINT_DIR
     saved = torch.load(ckpt / STATE_FILE, weights_only=False)
     load_adapter_weights(run.model, ckpt / ADAPTER_DIR)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    sampler.load_state_dict(saved["sampler"])
-    rng = saved["rng"]
+    try:
+        sampler.load_state_dict(saved["sampler"])
+    except ValueError as exc:
+        raise UserError(
+            out, f"cannot resume: {exc} (resume with the same global batch: train.batch_size x processes)"
+        ) from None
+    per_rank = saved.get("rng_per_rank")
+    rng = per_rank[dist.rank] if per_rank and len(per_rank) == dist.world_size else saved["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
@@ -248,19 +297,34 @@ def train(
     progress: bool = True,
     run: Run | None = None,
 ) -> dict[str, Any]:
-    """Train the config's adapter; returns a summary (final adapter path, history, last eval)."""
+    """Train the config's adapter; returns a summary (final adapter path, history, last eval).
+
+    Under ``accelerate launch`` every process calls this; rank 0 writes, logs and evaluates.
+    """
+    dist = setup_distributed()
     out = Path(config.output_dir)
-    prepare_output_dir(out, resume, overwrite)
-    run = run or prepare_run(config)
+    prepare_output_dir(out, resume, overwrite, create=False)  # every rank checks, before any wait
+    if dist.is_main:
+        prepare_output_dir(out, resume, overwrite)
+    dist.barrier()
+    run = run or prepare_run(config, dist.world_size, dist.rank)
     model, tcfg = run.model, config.train
-    save_config(config, out / "config.yaml")
+    if dist.is_main:
+        save_config(config, out / "config.yaml")
     if tcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sampler = run.sampler()
     steps = total_steps(config, len(sampler))
     optimizer, scheduler = make_optimizer(model, config, steps)
-    objective = build_objective(config)
-    state = load_checkpoint(run, optimizer, scheduler, sampler, out) if resume else TrainState()
+    if dist.world_size == 1:
+        objective = build_objective(config)
+    else:  # Align-LoRA: one statistics shape on every rank, all-reduced before its loss is formed
+        objective = build_objective(config, num_tasks=len(run.task_names), reduce_fn=dist.reduce_task_stats)
+    if resume and dist.sharded:
+        raise UserError("--resume", "resuming FSDP/DeepSpeed runs is not supported yet (their optimiser "
+                        "state is sharded); resume under DDP or one process")
+    state = load_checkpoint(run, optimizer, scheduler, sampler, out, dist) if resume else TrainState()
+    step_fn, optimizer = dist.wrap(model, objective, optimizer)
     trainable, total = count_parameters(model)
     stream = micro_batches(run, sampler)
     model.train()
@@ -268,41 +332,51 @@ def train(
     from mtlora.progress import step_progress
 
     start = time.perf_counter()
-    with step_progress(steps, enabled=progress, initial=state.step) as bar:
+    with step_progress(steps, enabled=progress and dist.is_main, initial=state.step) as bar:
         while state.step < steps:
+            step_start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             logs: dict[str, float] = {}
-            for _ in range(tcfg.grad_accum):
-                batch = next(stream)
-                loss, parts = objective(model, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {state.step + 1}; stopped before the optimiser step. "
-                        f"The last good checkpoint is in {out / CHECKPOINT_DIR}"
-                    )
-                (loss / tcfg.grad_accum).backward()
+            for micro in range(tcfg.grad_accum):
+                batch = dist.to_device(next(stream))
+                weight = dist.token_weight(batch)  # 1.0 alone; this rank's token share under DDP
+                with dist.no_sync(step_fn, sync=micro == tcfg.grad_accum - 1):
+                    loss, parts = step_fn(batch)
+                    if not dist.all_finite(loss):
+                        raise TrainingDiverged(
+                            f"loss is {loss.item()} at step {state.step + 1}; stopped before the optimiser "
+                            f"step. The last good checkpoint is in {out / CHECKPOINT_DIR}"
+                        )
+                    dist.backward(loss * weight / tcfg.grad_accum)
                 for key, value in {"loss": loss.detach(), **parts}.items():
-                    logs[key] = logs.get(key, 0.0) + float(value) / tcfg.grad_accum
+                    logs[key] = logs.get(key, 0.0) + float(value) * weight / tcfg.grad_accum
+            logs = dist.reduce_logs(logs)
             if tcfg.max_grad_norm:
-                logs["grad_norm"] = float(
-                    torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(model)], tcfg.max_grad_norm)
-                )
+                norm = dist.clip_grad_norm_([p for _, p in trainable_parameters(model)], tcfg.max_grad_norm)
+                if norm is not None:
+                    logs["grad_norm"] = norm
             logs["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             state.step += 1
+            logs["step_seconds"] = time.perf_counter() - step_start
             state.history.append({"step": state.step, **logs})
             bar.update(loss=logs["loss"])
             if tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < steps:
-                state.evals.append(evaluate_run(run, state.step, progress=False))
+                if dist.is_main:  # the other ranks wait at their next collective
+                    state.evals.append(evaluate_run(run, state.step, progress=False))
                 model.train()
             if state.step % tcfg.save_every == 0 or state.step == steps:
-                save_checkpoint(run, optimizer, scheduler, sampler, state, out)
+                save_checkpoint(run, optimizer, scheduler, sampler, state, out, dist)
 
     elapsed = time.perf_counter() - start
     model.eval()
-    save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
-    final_eval = evaluate_run(run, state.step, progress=progress) if run.eval_examples else None
+    final_eval = None
+    with dist.full_params(model):
+        if dist.is_main:
+            save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
+    if dist.is_main:
+        final_eval = evaluate_run(run, state.step, progress=progress) if run.eval_examples else None
     if final_eval is not None:
         state.evals.append(final_eval)
     summary = {
@@ -312,10 +386,13 @@ def train(
         "trainable_parameters": trainable,
         "total_parameters": total,
         "train_seconds": elapsed,
+        "world_size": dist.world_size,
         "history": state.history,
         "evals": state.evals,
     }
-    _write_json(out / "results.json", summary)
+    if dist.is_main:
+        _write_json(out / "results.json", summary)
+    dist.barrier()  # every rank returns once the outputs exist
     return summary
 
 
