@@ -190,3 +190,27 @@ def test_cli_budgets_and_user_error(monkeypatch, capsys, tmp_path, tiny_model_di
     assert "4,608" in out and "8,704" in out and "closest LoRA rank: r=15" in out
     code, _, err = cli(str(config), "seeds=[0,0]")
     assert code == 2 and err.startswith("error: ") and "seed is listed twice" in err
+
+
+def test_interrupted_cell_resumes_only_its_own_checkpoint(tmp_path, tiny_model_dir, task_files, monkeypatch):
+    """A checkpoint left by a killed cell is resumed; one left under another config is not."""
+    import mtlora.train as train_module
+
+    calls: list[bool] = []
+    real_train = train_module.train
+
+    def spy(config, **kwargs):
+        calls.append(kwargs["resume"])
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    bench = _bench(tmp_path, tiny_model_dir, task_files, {"lora": METHODS["lora"]}, seeds=(0,))
+    run_bench(bench, progress=False, echo=lambda _: None)
+    cell = tmp_path / "bench" / "cells" / "lora" / "seed0"
+    (cell / "cell.json").unlink()  # as if killed after its last checkpoint
+    run_bench(bench, progress=False, echo=lambda _: None)
+    assert calls == [False, True]
+    (cell / "cell.json").unlink()
+    bench.base["train"]["lr"] = 1e-2  # another config: the old checkpoint must not be resumed
+    run_bench(bench, progress=False, echo=lambda _: None)
+    assert calls == [False, True, False]

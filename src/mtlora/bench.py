@@ -64,6 +64,7 @@ CELL_RESULT = "cell.json"
 CELL_ERROR = "error.txt"
 CELL_LOG = "log.txt"
 RUN_DIR = "run"
+RUN_STAMP = "run_config_hash.txt"
 
 BENCH_KEYS = (
     "title", "base", "methods", "seeds", "output_dir", "isolate", "jobs", "threads", "cell_timeout_s", "notes",
@@ -395,7 +396,10 @@ def run_cell(cell: Path, progress: bool = False) -> dict[str, Any]:
         from mtlora.train import CHECKPOINT_DIR, STATE_FILE
 
         run_dir = Path(config.output_dir)
-        resumed = (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file()
+        stamp = cell / RUN_STAMP  # which config the checkpoint in run/ belongs to
+        resumed = (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file() and (
+            stamp.is_file() and stamp.read_text().strip() == spec["config_hash"])
+        _atomic_write(stamp, spec["config_hash"] + "\n")
         if config.method == "meta_lora":
             from mtlora.meta import train_meta as trainer
         else:
