@@ -410,3 +410,51 @@ def test_plot_align_history_writes_a_png_atomically(tmp_path):
     path = plot_align_history(history, tmp_path / "plots" / "align.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["align.png"]
+
+
+def test_trainer_runs_align_lora_with_checkpointing_accumulation_and_balanced_batches(
+    tmp_path, tiny_model_dir, task_files
+):
+    """End to end through ``mtlora.train.train``: per-step logs, no skipped micro-batch, a PEFT adapter."""
+    import json
+
+    import yaml
+
+    from mtlora.train import train
+
+    out = tmp_path / "run"
+    cfg = {
+        "model": str(tiny_model_dir),
+        "method": "align_lora",
+        "tasks": [str(t) for t in task_files],
+        "output_dir": str(out),
+        "adapter": {
+            "r": 4,
+            "alpha": 8,
+            "dropout": 0.1,
+            "target_modules": ["gate_proj", "up_proj", "down_proj"],
+        },
+        "data": {"max_length": 48, "max_eval_per_task": 2, "sampler": "task_balanced", "tasks_per_batch": 2},
+        "train": {
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": 1e-2,
+            "max_steps": 3,
+            "save_every": 3,
+            "gradient_checkpointing": True,
+        },
+        "align": {"loss": "kl", "lambda": 0.5, "require_all_steps": True},
+        "eval": {"batch_size": 8},
+    }
+    path = tmp_path / "align.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = train(load_config(path), progress=False)
+    history = summary["history"]
+    assert len(history) == 3
+    for row in history:
+        assert row["align_skipped"] == 0.0 and row["align_tasks"] == 2.0
+        assert row["align_loss"] > 0 and row["inter_task_kl"] > 0
+        assert row["loss"] == pytest.approx(row["lm_loss"] + 0.5 * row["align_loss"], rel=1e-4)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    png = plot_align_history(history, out / "align_history.png")
+    assert png.stat().st_size > 0
