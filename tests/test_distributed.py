@@ -1,0 +1,173 @@
+"""Data parallelism on 2 CPU processes (gloo): equal to 1 process, and resumable after a kill.
+
+The 2-process runs use ``train.batch_size`` 2 per process against a 1-process run with 4, so both
+see the same global batches (the sampler slices each global batch by rank). Adapter dropout is 0:
+ranks draw their own dropout masks (seeded per rank), which no 1-process run can reproduce.
+
+Tolerances: losses and gradient norms agree to 1e-5 at every step (observed: <= 1e-6). The adapter
+weights get 5e-5: the 2 ranks sum their gradients in another order than one process does (rounding,
+~1e-7 relative), and AdamW divides every entry by its own RMS, so in entries whose gradient nearly
+cancels (R-LoRA's heads) that rounding becomes a visible share of an lr-sized update (observed
+1.8e-5 at lr 1e-3, 1e-4 at lr 1e-2; LoRA and Align-LoRA stay below 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mtlora.config import load_config
+from mtlora.distributed import launch_command
+from mtlora.train import CHECKPOINT_DIR, STATE_FILE, train
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+METHODS = {
+    "lora": ({}, {}),
+    "rlora": ({"num_heads": 3}, {"grad_accum": 2}),  # accumulation: DDP no_sync on the first micro-batch
+    "align_lora": ({}, {}),
+}
+RESUME_STEPS = 40
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _write_config(root: Path, name: str, model: Path, tasks: list[Path], method: str, batch_size: int,
+                  adapter: dict | None = None, **train_kw) -> Path:
+    cfg = {
+        "model": str(model),
+        "method": method,
+        "tasks": [str(t) for t in tasks],
+        "output_dir": str(root / name),
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", **(adapter or {})},
+        "data": {"max_length": 48, "max_eval_per_task": 0, "sampler": "task_balanced"},
+        "train": {"batch_size": batch_size, "lr": 1e-3, "max_steps": 4, "save_every": 2, "seed": 3,
+                  "warmup_ratio": 0.0, **train_kw},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddp_setup(tmp_path_factory, tiny_model_dir):
+    """Tasks with prompts of different lengths (ranks hold unequal token counts), configs, one
+    2-process launch for every method plus the uninterrupted reference of the resume test."""
+    root = tmp_path_factory.mktemp("ddp")
+    words = ["loves", "hates", "really likes", "bites hard on"]
+    sentiment = [{"prompt": f"Review: the cat {w} the mat. Positive or negative?", "answer": a,
+                  "choices": ["negative", "positive"]}
+                 for w, a in zip(words * 4, ["positive", "negative", "positive", "negative"] * 4, strict=True)]
+    qa = [{"prompt": f"Question: what is {i} + 1? Answer:", "answer": str(i + 1) * (1 + i % 3),
+           "choices": [str(i + 1) * (1 + i % 3), str(i + 2)]} for i in range(16)]
+    tasks = [write_jsonl(root / "sentiment.jsonl", sentiment), write_jsonl(root / "qa.jsonl", qa)]
+    configs = {}
+    for method, (adapter, train_kw) in METHODS.items():
+        configs[method] = {
+            n: _write_config(root, f"{method}_{n}proc", tiny_model_dir, tasks, method, 4 // n, adapter, **train_kw)
+            for n in (1, 2)
+        }
+    resume_cfg = {
+        name: _write_config(root, name, tiny_model_dir, tasks, "lora", 2, max_steps=RESUME_STEPS, save_every=3)
+        for name in ("whole", "killed")
+    }
+    idle = _write_config(root, "idle", tiny_model_dir, tasks, "rlora", 2, {"num_heads": 3}, max_steps=3)
+    two = [str(configs[m][2]) for m in METHODS] + [str(resume_cfg["whole"]), f"idle:{idle}"]
+    proc = subprocess.run([*launch_command(2), str(WORKER), *two], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, configs, resume_cfg
+
+
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["history"]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_equal_one_process_with_the_same_global_batch(ddp_setup, method):
+    root, configs, _ = ddp_setup
+    train(load_config(configs[method][1]), progress=False)
+    one, two = root / f"{method}_1proc", root / f"{method}_2proc"
+    assert json.loads((two / "results.json").read_text())["world_size"] == 2
+    h1, h2 = _history(one), _history(two)
+    assert len(h1) == len(h2) == 4
+    for keys in ("loss", "grad_norm", "lm_loss", "align_loss", "inter_task_kl"):
+        for a, b in zip(h1, h2, strict=True):
+            if keys in a:
+                assert b[keys] == pytest.approx(a[keys], abs=1e-5, rel=1e-5), (keys, a["step"])
+    if method == "align_lora":
+        assert all(h["align_loss"] > 0 for h in h2), "the alignment term must be active in the test"
+    w1, w2 = _adapter(one), _adapter(two)
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=5e-5, rtol=1e-5)
+    assert any(float(w.abs().max()) > 0 for k, w in w2.items() if "lora_B" in k), "the adapter never moved"
+
+
+@pytest.mark.slow
+def test_a_parameter_without_gradient_does_not_break_ddp(ddp_setup):
+    """R-LoRA plus a trainable parameter that no step reaches (tests/ddp_worker.py ``idle:``): DDP
+    needs find_unused_parameters=True, or its second step fails waiting for that gradient."""
+    root, _, _ = ddp_setup
+    results = json.loads((root / "idle" / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert [row["step"] for row in results["history"]] == [1, 2, 3]
+    assert all(row["loss"] == row["loss"] for row in results["history"])  # finite, not NaN
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the CLI and every process it started (torchrun puts workers in their own sessions)."""
+    parent = psutil.Process(proc.pid)
+    for child in parent.children(recursive=True) + [parent]:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_midway_resumes_to_the_same_adapter(ddp_setup):
+    root, _, cfg = ddp_setup
+    killed = root / "killed"
+    cli = [sys.executable, "-m", "mtlora.cli", "train", str(cfg["killed"]), "--no-progress", "--num-processes", "2"]
+    proc = subprocess.Popen(cli, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / CHECKPOINT_DIR / STATE_FILE
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    _kill_tree(proc)
+    assert state.exists(), "the run never wrote a checkpoint"
+    saved_step = torch.load(state, weights_only=False)["step"]
+    assert saved_step < RESUME_STEPS, "the run finished before it could be killed: the test proves nothing"
+    assert not (killed / "adapter").exists()
+    resumed = subprocess.run([*cli, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _adapter(root / "whole")
+    after = _adapter(killed)
+    for key in whole:
+        torch.testing.assert_close(after[key], whole[key], atol=1e-6, rtol=1e-6)
+    h = _history(killed)
+    assert [row["step"] for row in h] == list(range(1, RESUME_STEPS + 1))
