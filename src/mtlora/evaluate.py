@@ -538,7 +538,9 @@ class EvalReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalReport:
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; unknown keys (e.g. a training step stored beside it) are ignored."""
+        known = {"per_task", "macro", "micro", "predictions", "meta"}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -650,15 +652,13 @@ def render_table(
     labels: tuple[str, str] = ("base", "tuned"),
     *,
     console=None,
-    show: bool = True,
 ):
     """A rich table of per-task metrics (percent), one report or two side by side with their difference.
 
     Rows: each task's primary metric (and ``acc_norm`` for multiple choice), then the macro and micro
-    averages. Printed to ``console`` (default: a new rich Console) unless ``show=False``; returned
-    either way so callers can embed it.
+    averages. Returned as a ``rich.table.Table`` (``console.print(render_table(base, tuned))``), and
+    also printed when a ``console`` is given.
     """
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="evaluation" if other is None else f"evaluation: {labels[0]} vs {labels[1]}")
@@ -690,6 +690,6 @@ def render_table(
         n = a.get("n", a.get("n_tasks", ""))
         add(f"[bold]{name}[/bold]", "primary", n, a.get("primary"), b.get("primary"))
         add(f"[bold]{name}[/bold]", "acc_norm", n, a.get("acc_norm"), b.get("acc_norm"))
-    if show:
-        (console or Console()).print(table)
+    if console is not None:
+        console.print(table)
     return table
