@@ -92,7 +92,7 @@ class AlignConfig:
     mmd_relative: bool = field(
         default=True, metadata={"help": "bandwidths multiply the mean pairwise squared distance (detached)"}
     )
-    mmd_tokens_per_task: int = field(default=64, metadata={"help": "tokens per task per layer kept for MMD"})
+    mmd_tokens_per_task: int = field(default=32, metadata={"help": "tokens per task per layer kept for MMD"})
 
     def __post_init__(self) -> None:
         if self.lam < 0:
