@@ -357,7 +357,9 @@ def adapter_summary(config: RunConfig) -> str:
     targets = a.target_modules if isinstance(a.target_modules, str) else "/".join(
         t.replace("_proj", "") for t in a.target_modules)
     heads = f"{a.num_heads}x " if hasattr(a, "num_heads") else ""
-    return f"{a.method} {heads}r={a.r} ({targets})"
+    extra = {"align_lora": f" + {config.align.loss} align, lambda {config.align.lam:g}",
+             "meta_lora": f", meta-trained on k={config.meta.k}/task"}.get(config.method, "")
+    return f"{a.method} {heads}r={a.r} ({targets}){extra}"
 
 
 # -------------------------------------------------------------------------------------- one cell
