@@ -502,6 +502,26 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_version() -> dict[str, Any]:
+    """Which code ran the grid: the package folder and its git commit (and whether src/ had local edits).
+
+    A snapshot outside git (e.g. ``git archive HEAD src | tar -x -C DIR`` + ``PYTHONPATH=DIR/src``, so
+    that colleagues' uncommitted edits cannot reach a running grid) names its commit in
+    ``MTLORA_CODE_COMMIT``.
+    """
+    package = Path(__file__).resolve().parent
+    info: dict[str, Any] = {"package": str(package), "git_commit": os.environ.get("MTLORA_CODE_COMMIT")}
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        info.update(git_commit=head, uncommitted_changes=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def run_bench(
     bench: BenchConfig,
     *,
@@ -519,7 +539,7 @@ def run_bench(
     budgets = count_budgets([c for m, _, c in cells if not m.eval_only])
     meta = {"command": command, "source": bench.source, "title": bench.title, "machine": machine_info(),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "notes": bench.notes,
-            "jobs": bench.jobs if bench.isolate else 1, "threads_per_cell": bench.threads}
+            "jobs": bench.jobs if bench.isolate else 1, "threads_per_cell": bench.threads, "code": code_version()}
     outcome = BenchOutcome(results={})
     total = len(cells)
     pending = []
@@ -714,7 +734,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     machine = meta["machine"]
     lines = [f"# {meta['title']}", ""]
     lines += [f"- command: `{meta['command'] or 'mtlora bench ' + meta['source']}`",
-              f"- config: `{meta['source']}`; written {results['written_at']} (UTC)",
+              f"- config: `{meta['source']}`; written {results['written_at']} (UTC); code: commit "
+              f"{(meta.get('code') or {}).get('git_commit') or 'unknown'}"
+              + (" with uncommitted changes" if (meta.get("code") or {}).get("uncommitted_changes") else ""),
               f"- machine: {machine['platform']}, {machine['cpu_count']} CPU cores visible, torch "
               f"{machine['torch']} with {machine['torch_threads']} threads"
               + (f", GPU {machine['cuda']}" if machine.get("cuda") else "")
