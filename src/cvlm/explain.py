@@ -60,9 +60,13 @@ def integrated_gradients(
 
 @torch.no_grad()
 def occlusion(
-    gen: ReportGenerator, images: Tensor, t: list[str], t_new: list[str], patch: int = 16, stride: int = 8
+    gen: ReportGenerator, images: Tensor, t: list[str], t_new: list[str], patch: int | None = None,
+    stride: int | None = None,
 ) -> Tensor:
+    """Patch = 1/8 of the image side, stride = half a patch unless given."""
     B, _, H, W = images.shape
+    patch = patch or max(2, H // 8)
+    stride = stride or max(1, patch // 2)
     s0 = contrastive_score(gen, images, t, t_new)
     heat = torch.zeros(B, H, W)
     count = torch.zeros(B, H, W)

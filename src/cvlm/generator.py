@@ -51,7 +51,7 @@ class FeatureGenerator(ReportGenerator, Protocol):
 class GeneratorConfig:
     """Sizes of the default generator (the defaults train in ~2 minutes on 2 CPU cores)."""
 
-    d_model: int = 96
+    d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     channels: tuple[int, ...] = (16, 32, 64, 64)

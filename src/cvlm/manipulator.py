@@ -1,7 +1,11 @@
 """The manipulator M: (image x, edited report t') -> residual delta, x' = x + delta.
 
 A small U-Net (with coordinate channels, so that words like "left upper" can be mapped to places)
-whose every level is FiLM-modulated by a text encoding of t'. The residual is predicted at half
+whose every level is FiLM-modulated by an encoding of t'. The report is read through the
+rule-based labeller into a 48-d finding vector (per finding: present, side, zone, size one-hots)
+and an MLP: a learnt transformer text encoder (mean-pooled) was tried first and, within the
+CPU budget of the demo (500 steps), ignored the text and learnt one edit-agnostic change; the
+labeller encoding makes the few words an edit changes impossible to average away. The residual is predicted at half
 resolution and upsampled: a smooth, blob-like change is what an edit to a finding should look
 like, and it makes pixel-level adversarial noise (which would fool G without explaining it)
 harder to produce. The last layer starts at zero, so M starts as the identity.
@@ -19,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reports import Tokenizer
+from .phantoms import FINDINGS, SIDES, SIZES, ZONES
+from .reports import Tokenizer, label_report
 
 
 @dataclass
@@ -29,23 +34,34 @@ class ManipulatorConfig:
     max_len: int = 72
 
 
-DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 30.0, "tv": 3.0, "identity": 100.0}
+DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0}
+
+
+def report_vector(report: str) -> list[float]:
+    """48-d encoding of a report: per finding [present, right, left, upper, mid, lower, small, large]."""
+    found = label_report(report)
+    vec: list[float] = []
+    for name in FINDINGS:
+        f = found.get(name)
+        vec.append(1.0 if f else 0.0)
+        vec += [1.0 if f and f.side == v else 0.0 for v in SIDES]
+        vec += [1.0 if f and f.zone == v else 0.0 for v in ZONES]
+        vec += [1.0 if f and f.size == v else 0.0 for v in SIZES]
+    return vec
+
+
+REPORT_DIM = len(FINDINGS) * (1 + len(SIDES) + len(ZONES) + len(SIZES))
 
 
 class TextEncoder(nn.Module):
-    """Embeddings + one transformer layer + masked mean pooling -> one vector per report."""
+    """Report vector (labeller) -> MLP -> conditioning vector."""
 
-    def __init__(self, vocab: int, d: int, max_len: int):
+    def __init__(self, d: int):
         super().__init__()
-        self.emb = nn.Embedding(vocab, d, padding_idx=Tokenizer.PAD)
-        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
-        self.layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.mlp = nn.Sequential(nn.Linear(REPORT_DIM, d), nn.GELU(), nn.Linear(d, d), nn.GELU())
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        pad = tokens == Tokenizer.PAD
-        h = self.layer(self.emb(tokens) + self.pos[: tokens.shape[1]], src_key_padding_mask=pad)
-        keep = (~pad).float()[..., None]
-        return (h * keep).sum(1) / keep.sum(1).clamp_min(1)
+    def forward(self, cond: Tensor) -> Tensor:
+        return self.mlp(cond)
 
 
 class FiLMBlock(nn.Module):
@@ -73,7 +89,7 @@ class Manipulator(nn.Module):
         self.cfg = cfg = cfg or ManipulatorConfig()
         c1, c2, c3 = cfg.channels
         d = cfg.d_text
-        self.text = TextEncoder(len(tokenizer), d, cfg.max_len)
+        self.text = TextEncoder(d)
         self.e1 = FiLMBlock(3, c1, d, stride=2)  # 1/2
         self.e2 = FiLMBlock(c1, c2, d, stride=2)  # 1/4
         self.e3 = FiLMBlock(c2, c3, d, stride=2)  # 1/8
@@ -85,10 +101,11 @@ class Manipulator(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
-        """The residual delta (B, 1, H, W) for images (B, 1, H, W) and edited-report tokens (B, T)."""
+    def forward(self, images: Tensor, cond: Tensor) -> Tensor:
+        """The residual delta (B, 1, H, W) for images (B, 1, H, W) and edited-report vectors (B, 48)
+        from ``encode_reports``."""
         B, _, H, W = images.shape
-        c = self.text(tokens)
+        c = self.text(cond)
         ys = torch.linspace(-1, 1, H, device=images.device).view(1, 1, H, 1).expand(B, 1, H, W)
         xs = torch.linspace(-1, 1, W, device=images.device).view(1, 1, 1, W).expand(B, 1, H, W)
         h1 = self.e1(torch.cat([(images - 0.3) / 0.2, ys, xs], 1), c)
@@ -99,10 +116,13 @@ class Manipulator(nn.Module):
         delta = F.interpolate(self.out(u1), size=(H, W), mode="bilinear")
         return torch.tanh(delta)
 
+    @staticmethod
+    def encode_reports(reports: list[str]) -> Tensor:
+        return torch.tensor([report_vector(r) for r in reports], dtype=torch.float32)
+
     def manipulate(self, images: Tensor, reports: list[str]) -> Tensor:
         """x' = x + M(x, t') for report strings."""
-        tokens = encode_batch(self.tokenizer, reports, self.cfg.max_len).to(images.device)
-        return images + self(images, tokens)
+        return images + self(images, self.encode_reports(reports).to(images.device))
 
     def state(self) -> dict:
         return {"kind": "Manipulator", "config": asdict(self.cfg), "vocab": self.tokenizer.itos,
@@ -138,12 +158,14 @@ def manipulator_losses(
     gen: nn.Module,
     images: Tensor,
     tokens: Tensor,
+    cond: Tensor,
     identity: Tensor,
     weights: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
-    """The training losses for one batch; ``gen`` must be frozen (no parameter gradients)."""
+    """The training losses for one batch: ``tokens`` and ``cond`` are the edited report as the
+    generator's tokens and as M's condition; ``gen`` must be frozen (no parameter gradients)."""
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    delta = manip(images, tokens)
+    delta = manip(images, cond)
     x_new = images + delta
     cycle = gen.sequence_nll(x_new, tokens)  # (B,)  gradient flows through frozen G into x'
     l1 = delta.abs().flatten(1).mean(1)

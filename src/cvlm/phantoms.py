@@ -141,11 +141,6 @@ def lung_bank(size: int = 128) -> tuple[np.ndarray, ...]:
 # small numpy helpers
 
 
-def _disk(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-
-
 def dilate(mask: np.ndarray, r: int) -> np.ndarray:
     """Binary dilation by a (2r+1)^2 square (no scipy needed)."""
     if r <= 0:
@@ -332,11 +327,12 @@ def render(
                 [0.52 * h + dy, w / 2 + dx],
             ]
         )
-        line = np.zeros((h, w), bool)
-        for (ya, xa), (yb, xb) in zip(pts[:-1], pts[1:], strict=True):
-            n = int(max(abs(yb - ya), abs(xb - xa)) * 2) + 1
-            for t in np.linspace(0, 1, n):
-                line |= _disk(h, w, ya + t * (yb - ya), xa + t * (xb - xa), 1.0 * s)
+        dist = np.full((h, w), np.inf, np.float32)
+        for (ya, xa), (yb, xb) in zip(pts[:-1], pts[1:], strict=True):  # distance to each segment
+            vy, vx = yb - ya, xb - xa
+            t = np.clip(((yy - ya) * vy + (xx - xa) * vx) / (vy * vy + vx * vx), 0, 1)
+            dist = np.minimum(dist, np.hypot(yy - ya - t * vy, xx - xa - t * vx))
+        line = dist <= max(1.0 * s, 0.75)
         img[line] = 0.9
         masks["device"] = dilate(line, 1)
     if marker:

@@ -114,7 +114,8 @@ def train_manipulator(
             tok = pad_tokens([gen.tokenizer.encode(r) for r in reports])
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, steps, lr)
-            losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], tok, torch.tensor(ident), weights)
+            cond = manip.encode_reports(reports)
+            losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], tok, cond, torch.tensor(ident), weights)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(manip.parameters(), 1.0)

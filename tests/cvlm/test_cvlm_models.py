@@ -55,20 +55,23 @@ def test_manipulator_step_gradient_flows_through_frozen_generator():
     m = tiny_manipulator()
     ds = make_dataset(6, seed=2, size=SIZE)
     x = images_tensor(ds)
-    tok = pad_tokens([TOK.encode("The heart is enlarged. No pleural effusion.")] * 6)
-    d0 = m(x, tok)
+    report = "The heart is enlarged. No pleural effusion."
+    tok = pad_tokens([TOK.encode(report)] * 6)
+    cond = m.encode_reports([report] * 6)
+    assert cond.shape == (6, 48) and cond[0, 0] == 1  # cardiomegaly present
+    d0 = m(x, cond)
     assert d0.shape == x.shape and d0.abs().max() == 0  # starts as the identity
-    losses = manipulator_losses(m, g, x, tok, torch.tensor([False] * 4 + [True] * 2))
+    losses = manipulator_losses(m, g, x, tok, cond, torch.tensor([False] * 4 + [True] * 2))
     losses["total"].backward()
     assert all(p.grad is None for p in g.parameters())  # G stays frozen
     assert m.out.weight.grad is not None and m.out.weight.grad.abs().sum() > 0  # the cycle loss reaches M
     # one optimiser step moves the image so that G finds t' more likely
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    nll0 = g.sequence_nll(x + m(x, tok), tok).mean().item()
+    nll0 = g.sequence_nll(x + m(x, cond), tok).mean().item()
     for _ in range(3):
         opt.zero_grad()
-        g.sequence_nll(x + m(x, tok), tok).mean().backward()
+        g.sequence_nll(x + m(x, cond), tok).mean().backward()
         opt.step()
-    assert g.sequence_nll(x + m(x, tok), tok).mean().item() < nll0
+    assert g.sequence_nll(x + m(x, cond), tok).mean().item() < nll0
     # and the manipulated image differs from x: the CVLM map is non-trivial
-    assert (m(x, tok).abs() > 0).any()
+    assert (m(x, cond).abs() > 0).any()
