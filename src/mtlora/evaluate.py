@@ -48,6 +48,7 @@ from typing import Any, Literal
 import torch
 
 from mtlora.adapters.context import forward_context
+from mtlora.data.collate import encode_pair, prefix_token_id
 from mtlora.data.example import Example
 
 Method = Literal["shared", "kv_cache", "per_choice"]
@@ -65,41 +66,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- encoding
-
-
-def _tok(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-
-def _prefix_token_id(tokenizer) -> int:
-    """lm-eval's ``prefix_token_id``: BOS if the tokenizer has one, else EOS; stands in for an empty context."""
-    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if tid is None:
-        raise ValueError("tokenizer has neither a BOS nor an EOS token to stand in for an empty context")
-    return int(tid)
-
-
-def encode_pair(
-    tokenizer, context: str, continuation: str, add_special_tokens: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) with lm-eval's ``_encode_pair`` semantics.
-
-    The continuation tokens come from tokenising the *whole* string, so a choice is scored on the
-    tokens the model would see in running text, not on a separately tokenised fragment. The context
-    is never empty: an empty (or all-whitespace) context becomes the prefix token.
-    """
-    if context == "":
-        return [_prefix_token_id(tokenizer)], _tok(tokenizer, continuation, add_special_tokens)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = _tok(tokenizer, context + continuation, add_special_tokens)
-    ctx = _tok(tokenizer, context, add_special_tokens)
-    cont = whole[len(ctx):]
-    if not ctx:  # whitespace-only context: condition on the prefix token instead of nothing
-        ctx = [_prefix_token_id(tokenizer)]
-    return ctx, cont
 
 
 @dataclass
@@ -467,7 +433,7 @@ def _generate(
     budget = max(1, limit - max_new_tokens)
     prompts = []
     for ex in examples:
-        ids = _tok(tokenizer, ex.prompt, add_special_tokens) or [_prefix_token_id(tokenizer)]
+        ids = list(tokenizer.encode(ex.prompt, add_special_tokens=add_special_tokens)) or [prefix_token_id(tokenizer)]
         prompts.append(ids[-budget:])
     stops = _stop_ids(model, tokenizer)
     pad_id, device = _pad_id(tokenizer), _device(model)

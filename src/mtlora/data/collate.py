@@ -39,22 +39,30 @@ def _bos_prefix(tokenizer: Any, add_bos: bool | None) -> list[int]:
     return []
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) the lm-eval way, without special tokens.
+def prefix_token_id(tokenizer: Any) -> int:
+    """lm-eval's ``prefix_token_id``: BOS, else EOS; stands in for an empty context."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise ValueError("an empty prompt needs a BOS or EOS token to condition on")
+    return int(prefix)
 
-    Agrees with ``mtlora.evaluate.encode_pair``: an empty (or whitespace-only) context becomes the
-    prefix token (BOS, else EOS), so the first answer token is conditioned on something and is
-    supervised in training exactly as it is scored in evaluation.
+
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, add_special_tokens: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) the lm-eval way (``_encode_pair``).
+
+    The continuation tokens come from tokenising the *whole* string, so an answer is trained and
+    scored on the tokens the model sees in running text. Training and evaluation share this one
+    function. An empty (or whitespace-only) context becomes the prefix token (BOS, else EOS), as in
+    lm-eval's ``loglikelihood``, so the first answer token is always conditioned on something.
     """
     context, continuation = split_context(context, continuation)
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"] if context else []
     ctx_ids, cont_ids = list(whole[: len(ctx)]), list(whole[len(ctx):])
     if not ctx_ids:
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if prefix is None:
-            raise ValueError("an empty prompt needs a BOS or EOS token to condition on")
-        ctx_ids = [int(prefix)]
+        ctx_ids = [prefix_token_id(tokenizer)]
     return ctx_ids, cont_ids
 
 
