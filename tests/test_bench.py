@@ -76,6 +76,16 @@ def test_grid_writes_outputs_and_skips_finished_cells(tmp_path, tiny_model_dir, 
     assert again.ran == [] and len(again.skipped) == 5
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/cell.json")} == mtimes
 
+    # --report: nothing runs, the header keeps the original command and says what regenerated it
+    (out / "cells" / "rlora" / "seed1" / "cell.json").unlink()
+    report = run_bench(bench, progress=False, echo=lines.append, command="mtlora bench tiny.yaml --report",
+                       execute=False)
+    assert report.ran == [] and not (out / "cells" / "rlora" / "seed1" / "cell.json").exists()
+    table = (out / "table.md").read_text()
+    assert "command: `mtlora bench tiny.yaml`" in table and "by `mtlora bench tiny.yaml --report`" in table
+    assert "rlora/seed1: not run yet" in table and "| 1/2 |" in table
+    assert "* = cells run inside the bench process" in table
+
 
 def test_failing_cell_is_recorded_and_the_rest_complete(tmp_path, tiny_model_dir, task_files, monkeypatch):
     import mtlora.train as train_module
@@ -112,6 +122,7 @@ def test_crashing_subprocess_cell_is_isolated(tmp_path, tiny_model_dir, task_fil
     cell = tmp_path / "bench" / "cells" / "broken" / "seed0"
     assert "missing.jsonl" in (cell / "error.txt").read_text()
     assert (cell / "log.txt").is_file()
+    assert not (cell / "cell.json").exists()
 
 
 def test_matched_budget_by_hand(tmp_path, tiny_model_dir, task_files):

@@ -423,6 +423,7 @@ def run_cell(cell: Path, progress: bool = False) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - start,
         "peak_rss_mb": _peak_rss_mb(),
         "resumed": resumed,
+        "isolated": os.environ.get("MTLORA_BENCH_ISOLATED") == "1",  # its own process: peak RSS is its own
         "torch_threads": _torch_threads(),
         "pid": os.getpid(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -446,7 +447,7 @@ def _run_cell_in_process(cell: Path, progress: bool) -> dict[str, Any] | None:
 
 
 def _run_cell_subprocess(cell: Path, timeout: float | None, threads: int | None = None) -> dict[str, Any] | None:
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "MTLORA_BENCH_ISOLATED": "1"}
     if threads is not None:  # on an oversubscribed machine 1 thread beats 2 spinning ones by far
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MTLORA_BENCH_THREADS=str(threads))
     with (cell / CELL_LOG).open("w") as log:
@@ -529,8 +530,13 @@ def run_bench(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     only: Sequence[str] | None = None,
+    execute: bool = True,
 ) -> BenchOutcome:
-    """Run every unfinished cell, re-aggregating the outputs after each, and return the outcome."""
+    """Run every unfinished cell, re-aggregating the outputs after each, and return the outcome.
+
+    ``execute=False`` runs nothing: it rewrites the outputs from the finished cells, keeping the
+    original run's command, machine and code in the header (and saying what regenerated them).
+    """
     cells = prepare_cells(bench)
     if only:
         unknown = sorted(set(only) - set(bench.methods))
@@ -540,6 +546,11 @@ def run_bench(
     meta = {"command": command, "source": bench.source, "title": bench.title, "machine": machine_info(),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "notes": bench.notes,
             "jobs": bench.jobs if bench.isolate else 1, "threads_per_cell": bench.threads, "code": code_version()}
+    previous = bench.output_dir / "results.json"
+    if not execute and previous.is_file():
+        meta = {**json.loads(previous.read_text())["meta"],
+                "regenerated": {"command": command, "code": meta["code"],
+                                "at": datetime.now(UTC).isoformat(timespec="seconds")}}
     outcome = BenchOutcome(results={})
     total = len(cells)
     pending = []
@@ -550,7 +561,7 @@ def run_bench(
         if _finished(cell, spec_hash):
             outcome.skipped.append(name)
             continue
-        if only and method.name not in only:
+        if (only and method.name not in only) or not execute:
             continue
         if (cell / CELL_RESULT).is_file():  # finished under another config: stale, run again
             echo(f"[{index}/{total}] {name}: config changed since it finished; running it again")
@@ -620,7 +631,10 @@ def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]]) -> 
             cell = bench.cell_dir(m, seed)
             spec_hash = json.loads((cell / CELL_SPEC).read_text())["config_hash"]
             if _finished(cell, spec_hash):
-                rows.append(json.loads((cell / CELL_RESULT).read_text()))
+                row = json.loads((cell / CELL_RESULT).read_text())
+                if row.get("isolated") is None:  # cells written before the flag: only subprocesses keep a log
+                    row["isolated"] = (cell / CELL_LOG).is_file()
+                rows.append(row)
             elif (cell / CELL_ERROR).is_file():
                 lines = (cell / CELL_ERROR).read_text().strip().splitlines()
                 failed.append({"cell": f"{m.name}/seed{seed}", "error": lines[-1] if lines else "?"})
@@ -652,6 +666,7 @@ def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]]) -> 
             entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
             entry["isolated"] = all(r.get("isolated", False) for r in rows)
             entry["steps"] = rows[0]["steps"]
+            entry["resumed"] = any(r.get("resumed") for r in rows)
         methods[method.name] = entry
     return {"methods": methods, "failed": failed, "missing": missing, "orderings": check_orderings(methods)}
 
@@ -746,6 +761,10 @@ def render_markdown(results: dict[str, Any]) -> str:
                   "load_average_at_start") else ""),
               f"- model `{results['base'].get('model')}`, tasks {', '.join(results['base'].get('tasks', []))}; "
               f"seeds {results['seeds']}"]
+    if meta.get("regenerated"):
+        regen = meta["regenerated"]
+        lines += [f"- table regenerated from the finished cells at {regen['at']} by `{regen['command']}` "
+                  f"(code {regen['code'].get('git_commit') or 'unknown'})"]
     if meta.get("notes"):
         lines += [f"- notes: {meta['notes']}"]
     lines += ["", "## Accuracy (%, mean ± sample std over seeds; eval split of each task)", ""]
@@ -764,8 +783,9 @@ def render_markdown(results: dict[str, Any]) -> str:
             pt = entry["per_task"]
             row = [entry["label"], entry["adapter"], _params(params), seeds]
             row += [_pm(pt[t]["mean"], pt[t]["std"]) if t in pt else "-" for t in tasks]
+            mark = "†" if entry.get("resumed") else ""
             row += [f"**{_pm(entry['macro']['mean'], entry['macro']['std'])}**", str(entry["steps"]),
-                    f"{entry['train_seconds']:.0f}", f"{entry['wall_seconds']:.0f}",
+                    f"{entry['train_seconds']:.0f}{mark}", f"{entry['wall_seconds']:.0f}{mark}",
                     f"{entry['peak_rss_mb']:.0f}" + ("" if entry["isolated"] else "*")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Trainable parameters are counted by injecting each adapter into the model (A, B heads and "
@@ -773,7 +793,9 @@ def render_markdown(results: dict[str, Any]) -> str:
               "load, training, evaluation), both means over seeds; 'peak RSS MB' is the largest peak resident "
               "memory of a cell's own process (one process per cell)"
               + ("; * = cells run inside the bench process, so the figure is that process's peak so far."
-                 if any(not e.get("isolated", True) for e in methods.values() if "macro" in e) else ".")]
+                 if any(not e.get("isolated", True) for e in methods.values() if "macro" in e) else ".")
+              + (" † = a cell resumed from a checkpoint of an interrupted attempt: its times are the last "
+                 "attempt's only." if any(e.get("resumed") for e in methods.values()) else "")]
     lines += ["", "## The papers' orderings, checked on our macro means", "",
               "| claim | ours: left | ours: right | diff (pp) | seed spread (pp) | verdict |", "|---|---|---|---|---|---|"]
     for o in agg["orderings"]:
@@ -885,6 +907,7 @@ def bench_command(
     overrides: Sequence[str] = (),
     *,
     budgets_only: bool = False,
+    report_only: bool = False,
     only: Sequence[str] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
@@ -898,7 +921,7 @@ def bench_command(
             count = "?" if row["trainable_parameters"] is None else f"{row['trainable_parameters']:,d}"
             echo(f"{row['method']:<16} {row['adapter']:<40} {count:>12}{rank}")
         return 0
-    outcome = run_bench(bench, command=command, progress=progress, echo=echo, only=only)
+    outcome = run_bench(bench, command=command, progress=progress, echo=echo, only=only, execute=not report_only)
     echo(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, failed {len(outcome.failed)}")
     for key, value in outcome.paths.items():
         echo(f"{key}: {value}")

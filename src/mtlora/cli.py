@@ -178,6 +178,7 @@ def bench_cli(
     config: Annotated[Path, typer.Argument(help="bench YAML (e.g. configs/bench/cpu.yaml)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. seeds=[0]")] = None,
     budgets: Annotated[bool, typer.Option(help="only count each method's trainable parameters")] = False,
+    report: Annotated[bool, typer.Option(help="run nothing: rewrite the outputs from the finished cells")] = False,
     only: Annotated[list[str] | None, typer.Option(help="run only these methods (repeatable)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars (in-process cells)")] = True,
 ) -> None:
@@ -185,8 +186,10 @@ def bench_cli(
     from mtlora.bench import bench_command
 
     _quiet_libraries()
-    command = " ".join(["mtlora bench", str(config), *(overrides or []), *(f"--only {m}" for m in only or [])])
-    code = bench_command(config, overrides or [], budgets_only=budgets, only=only, progress=progress,
+    command = " ".join(["mtlora bench", str(config), *(overrides or []), *(f"--only {m}" for m in only or []),
+                        *(["--report"] if report else [])])
+    code = bench_command(config, overrides or [], budgets_only=budgets, report_only=report, only=only,
+                         progress=progress,
                          echo=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
                          command=command)
     if code:
