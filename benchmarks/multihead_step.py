@@ -9,13 +9,14 @@ step (forward + backward + AdamW over the adapter parameters):
     rlora_loop  the same R-LoRA written as a per-head Python loop (A x once, one dropout + one B
                 matmul + one weighted add per head): the naive implementation
 
-Timing: warm-up step per variant, then rounds of A B C (interleaved, so load from other processes
-on the shared cores hits every variant alike); the median of the timed steps is reported.
+Timing: a warm-up step per variant, then rounds A B C / C B A / ... (interleaved in one process,
+so load from other processes on shared cores hits every variant alike, and no variant always runs
+first); the median of the timed steps is reported.
 
-Peak memory (``peak_mb``): per variant, after its warm-up step (weights paged in, AdamW state
-allocated), the process returns freed heap memory to the OS (glibc ``malloc_trim``), resets the
-kernel's resident-set high-water mark (``/proc/self/clear_refs`` <- 5) and runs one more training
-step; the figure is ``VmHWM - VmRSS_before`` in MiB: the peak extra resident memory of a training
+Peak memory (``peak_mb``): before the first timed step of each variant (after its warm-up:
+weights paged in, AdamW state allocated), the process returns freed heap memory to the OS (glibc
+``malloc_trim``) and resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``
+<- 5); the figure is ``VmHWM - VmRSS_before`` in MiB: the peak extra resident memory of a training
 step (activations kept for backward, gradients, temporaries, allocator overhead) over the resident
 model and optimiser state. It is the CPU analogue of ``torch.cuda.max_memory_allocated`` minus the
 memory allocated before the step; CPU torch keeps no allocator statistics and tracemalloc does not
@@ -70,13 +71,14 @@ def build(variant: str, model):
     return torch.optim.AdamW(params, lr=2e-4), sum(p.numel() for p in params)
 
 
-def step(model, opt, ids) -> float:
-    t0 = time.perf_counter()
+def step(model, opt, ids) -> tuple[float, float]:
+    """One training step; returns (wall seconds, CPU seconds of this process, all threads)."""
+    w0, c0 = time.perf_counter(), time.process_time()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def _status_kb(field: str) -> int:
@@ -87,25 +89,38 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def step_peak_mb(model, opt, ids) -> float | None:
-    """Peak extra resident memory (MiB) of one training step; see the module docstring."""
+def measured_step(model, opt, ids) -> tuple[tuple[float, float], float | None]:
+    """A timed step that also reports its peak extra resident memory (MiB); see the module docstring.
+
+    Freed heap memory is handed back to the OS and the high-water mark reset *before* the clock
+    starts, so the timing is the same as ``step``'s.
+    """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _status_kb("VmRSS")
     except OSError:
-        return None
-    step(model, opt, ids)
-    return round((_status_kb("VmHWM") - before) / 1024, 1)
+        return step(model, opt, ids), None
+    seconds = step(model, opt, ids)
+    return seconds, round((_status_kb("VmHWM") - before) / 1024, 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 4 x 64, 5 timed steps")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5, the minimum)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps per variant (default 5, the minimum)"
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument(
+        "--timer",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what the RESULT ratios use: wall-clock (default) or this process's CPU time, which is "
+        "steadier when other jobs share the cores",
+    )
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq = 4, 64
@@ -120,25 +135,39 @@ def main() -> None:
         f"SmolLM2-135M, batch {args.batch} x {args.seq}, targets {'/'.join(TARGETS)}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {steps} timed steps per variant"
     )
-    peak = {}
-    for v in VARIANTS:  # warm-up (pages the weights in, allocates AdamW state), then one measured step
+    for v in VARIANTS:  # warm-up: pages the weights in, allocates AdamW state
         step(models[v], opts[v], ids)
-        gc.collect()
-        peak[v] = step_peak_mb(models[v], opts[v], ids)
-        print(f"  {v}: warm-up done, step peak {peak[v]} MiB", flush=True)
+        print(f"  {v}: warm-up done", flush=True)
+    peak: dict[str, float | None] = {}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(steps):
         order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]  # A B C C B A ...: no fixed position
         for v in order:
-            times[v].append(step(models[v], opts[v], ids))
+            if i == 0:  # the first timed step of each variant also measures its peak memory
+                gc.collect()
+                seconds, peak[v] = measured_step(models[v], opts[v], ids)
+            else:
+                seconds = step(models[v], opts[v], ids)
+            times[v].append(seconds[0])
+            cpu[v].append(seconds[1])
         print(
             f"  round {i + 1}/{steps}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in VARIANTS), flush=True
         )
-    med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"\n{'variant':<12}{'trainable':>12}{'median s':>10}{'min s':>8}{'max s':>8}{'peak MB':>9}")
+    wall_med = {v: statistics.median(t) for v, t in times.items()}
+    cpu_med = {v: statistics.median(t) for v, t in cpu.items()}
+    med = cpu_med if args.timer == "cpu" else wall_med
+    print(
+        f"\n{'variant':<12}{'trainable':>11}{'wall med s':>11}{'min':>8}{'max':>8}{'cpu med s':>10}{'peak MiB':>9}"
+    )
     for v in VARIANTS:
         print(
-            f"{v:<12}{sizes[v]:>12,}{med[v]:>10.3f}{min(times[v]):>8.3f}{max(times[v]):>8.3f}{peak[v]!s:>9}"
+            f"{v:<12}{sizes[v]:>11,}{wall_med[v]:>11.3f}{min(times[v]):>8.3f}{max(times[v]):>8.3f}"
+            f"{cpu_med[v]:>10.3f}{peak[v]!s:>9}"
+        )
+    for name, m in (("wall", wall_med), ("cpu", cpu_med)):
+        print(
+            f"{name:>4}: rlora / lora = {m['rlora'] / m['lora']:.3f}, rlora / rlora_loop = {m['rlora'] / m['rlora_loop']:.3f}"
         )
     result = {
         "rlora_over_lora": round(med["rlora"] / med["lora"], 3),
@@ -146,7 +175,7 @@ def main() -> None:
         "peak_mb": peak,
     }
     print(
-        f"\nrlora / lora = {result['rlora_over_lora']} (target <= 1.10), "
+        f"\nratios from {args.timer} time: rlora / lora = {result['rlora_over_lora']} (target <= 1.10), "
         f"rlora / rlora_loop = {result['batched_over_loop']} (target <= 0.7)"
     )
     print("RESULT " + json.dumps(result))
