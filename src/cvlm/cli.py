@@ -139,7 +139,7 @@ def data_check(
     counts: Counter[str] = Counter()
     for s in studies:
         load_image(s.image_path, size)
-        counts.update(label_report(s.report))
+        counts.update(list(label_report(s.report)))
     typer.echo(f"{len(studies)} studies; findings stated: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 

@@ -38,12 +38,12 @@ class DemoConfig:
     """Sizes of the demo; ``quick()`` shrinks everything so that a test can run it in seconds."""
 
     size: int = 64
-    n_train: int = 1500
+    n_train: int = 1200
     n_test: int = 200
     gen_steps: int = 600
     man_steps: int = 600
-    short_gen_steps: int = 250
-    short_man_steps: int = 200
+    short_gen_steps: int = 200
+    short_man_steps: int = 450
     batch_size: int = 32
     man_batch_size: int = 16
     n_loc: int = 8  # localisation cases per finding type at most (each runs occlusion and IG)
@@ -185,7 +185,7 @@ def score_maps(maps: dict, masks: list[np.ndarray], names: list[str]) -> dict:
 def run_demo(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> dict:
     """Train everything on phantoms, evaluate on held-out phantoms, write checkpoints, metrics
     and the HTML report under ``out``. Returns the metrics dict."""
-    from .report import write_html
+    from .report import results_markdown, write_html
 
     t_start, cpu_start = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
@@ -285,4 +285,5 @@ def run_demo(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
     metrics["seconds"]["process_cpu"] = time.process_time() - cpu_start
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     write_html(out / "report.html", metrics, test, cases, loc_maps, s_test, s_cases, s_maps, edit_rows)
+    atomic_write_text(out / "results.md", results_markdown(metrics))
     return metrics

@@ -125,3 +125,32 @@ def write_html(path: Path, metrics: dict, test: list[Phantom], cases: list[tuple
     parts.append("<h2>Run</h2><pre>" + html.escape(
         "\n".join(f"{k}: {v}" for k, v in {**metrics["machine"], **metrics["seconds"]}.items())) + "</pre>")
     atomic_write_text(path, "\n".join(parts))
+
+
+def results_markdown(metrics: dict, command: str = "cvlm demo") -> str:
+    """The headline numbers as a Markdown section (for docs/results and the README text)."""
+    lines = [f"Command: `{command}`", "",
+             "| metric | value | target | met |", "|---|---|---|---|"]  # fmt: skip
+    for k, t in metrics["targets"].items():
+        lines.append(f"| {k} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", "| method | pointing game | top-k IoU | pixel AUROC | on shortcut marker |", "|---|---|---|---|---|"]
+    for m, r in metrics["localisation"]["methods"].items():
+        lines.append(f"| {m} | {r['pointing_game']:.3f} | {r['iou']:.3f} | {r['auroc']:.3f} | "
+                     f"{metrics['shortcut']['on_marker'][m]:.3f} |")  # fmt: skip
+    e = metrics["edits"]
+    lines += ["", f"Edits: n={e['n']}, cycle success {e['cycle_success']:.3f}, collateral change "
+              f"{e['collateral_change']:.3f}; by kind: "
+              + ", ".join(f"{k} {v['cycle_success']:.2f} (n={v['n']})" for k, v in e["by_kind"].items())
+              + "; by finding: "
+              + ", ".join(f"{k} {v['cycle_success']:.2f}" for k, v in e["by_finding"].items()) + ".", ""]  # fmt: skip
+    s = metrics["shortcut"]
+    lines.append(f"Shortcut generator ({s['finding']} <-> corner marker), n={s['n_cases']} cases: reports "
+                 f"{s['finding']} on {s['reports_finding_with_marker_only']} of marker-only images and on "
+                 f"{s['reports_finding_without_marker']} of the same cases with the marker removed.")  # fmt: skip
+    lines.append("")
+    lines.append("Generator accuracy (labelled state exactly right) on held-out phantoms: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in metrics["generator_accuracy"].items()) + ".")  # fmt: skip
+    sec = metrics["seconds"]
+    lines.append(f"\nWall time {sec['total']:.0f} s (training {sec['train']:.0f} s), process CPU "
+                 f"{sec.get('process_cpu', float('nan')):.0f} s, {metrics['machine']['threads']} torch thread(s).")
+    return "\n".join(lines) + "\n"

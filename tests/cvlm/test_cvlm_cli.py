@@ -48,6 +48,7 @@ def test_quick_demo_writes_everything(demo_dir):
         assert 0 <= r["pointing_game"] <= 1 and 0 <= r["iou"] <= 1
     html = (demo_dir / "report.html").read_text()
     assert "<img src=\"data:image/png;base64," in html and "pointing game" in html
+    assert "| cycle_success |" in (demo_dir / "results.md").read_text()
     for name in ("generator.pt", "manipulator.pt", "generator_shortcut.pt", "manipulator_shortcut.pt"):
         assert (demo_dir / name).stat().st_size > 0
     assert not list(demo_dir.glob("*.tmp"))  # atomic writes leave no temp files
