@@ -171,3 +171,14 @@ def test_two_process_run_killed_midway_resumes_to_the_same_adapter(ddp_setup):
         torch.testing.assert_close(after[key], whole[key], atol=1e-6, rtol=1e-6)
     h = _history(killed)
     assert [row["step"] for row in h] == list(range(1, RESUME_STEPS + 1))
+
+
+def test_meta_lora_refuses_several_processes(tmp_path, tiny_model_dir):
+    """MeTA-LoRA trains in one process: --num-processes must say so instead of racing two runs."""
+    task = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "answer": "b"}])
+    cfg = _write_config(tmp_path, "meta", tiny_model_dir, [task], "meta_lora", 2)
+    proc = subprocess.run([sys.executable, "-m", "mtlora.cli", "train", str(cfg), "--num-processes", "2"],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "meta_lora trains in one process" in proc.stderr
+    assert not (tmp_path / "meta").exists()

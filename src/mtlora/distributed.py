@@ -45,11 +45,6 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """True on rank 0 and in a plain single-process run (for printing and writing files)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward, gradient multiplied by ``scale`` backward."""
 
