@@ -38,11 +38,11 @@ class DemoConfig:
     """Sizes of the demo; ``quick()`` shrinks everything so that a test can run it in seconds."""
 
     size: int = 64
-    n_train: int = 1200
+    n_train: int = 1500
     n_test: int = 200
     gen_steps: int = 600
     man_steps: int = 600
-    short_gen_steps: int = 200
+    short_gen_steps: int = 250
     short_man_steps: int = 450
     batch_size: int = 32
     man_batch_size: int = 16
@@ -159,6 +159,9 @@ def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, st
         x_news.append(x_new[:, 0].numpy())
         t_olds += t
         t_news += t_new
+    if not cases:  # e.g. a generator that never reports the finding: nothing to explain
+        empty = np.zeros((0, phantoms[0].image.shape[0], phantoms[0].image.shape[1]), np.float32)
+        return {**{k: empty for k in maps}, "x_new": empty, "t": [], "t_new": []}
     out = {k: np.concatenate(v) for k, v in maps.items()}
     out["x_new"] = np.concatenate(x_news)
     out["t"] = t_olds
