@@ -165,10 +165,11 @@ class Dist:
         )
 
     def all_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks, on the statistics group (it runs inside the DDP-wrapped forward)."""
         if self.world_size == 1:
             return values
         out = values.detach().clone().to(self.device)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX, group=self.stats_group)
         return out.cpu()
 
     # -- model and optimiser ------------------------------------------------------------------
@@ -244,20 +245,28 @@ def setup() -> Dist:
     as the accelerate config says) with unused-parameter detection on, and a group for statistics."""
     if launched_world_size() == 1:
         return Dist()
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # Without a GPU, Accelerate only forms a process group when told to use the CPU (then: gloo).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
+            # rank 0 evaluates alone (eval_every, final eval) while the others wait at a collective
+            InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+        ],
     )
     if accelerator.num_processes != launched_world_size():
         raise RuntimeError(
             f"launched {launched_world_size()} processes but Accelerate formed a group of "
             f"{accelerator.num_processes} ({accelerator.distributed_type}); check the accelerate config"
         )
-    group = torch.distributed.new_group(backend="gloo" if accelerator.device.type == "cpu" else None)
+    group = torch.distributed.new_group(
+        backend="gloo" if accelerator.device.type == "cpu" else None, timeout=timedelta(hours=2)
+    )
     return Dist(accelerator.num_processes, accelerator.process_index, accelerator, group)
 
 
