@@ -189,3 +189,20 @@ def test_meta_lora_refuses_several_processes(tmp_path, tiny_model_dir):
     assert proc.returncode == 2
     assert "meta_lora trains in one process" in proc.stderr
     assert not (tmp_path / "meta").exists()
+
+
+def test_fsdp_wrap_policy_puts_adapter_weights_in_units_of_their_own():
+    """The FSDP config's wrap policy (decided on CPU; FSDP itself needs GPUs to run here)."""
+    from mtlora.adapters import inject_adapters, make_adapter_config
+    from mtlora.distributed import fsdp_wrap_policy
+    from mtlora.testing import tiny_model
+
+    model, _ = tiny_model("llama")
+    inject_adapters(model, make_adapter_config("rlora", r=4, num_heads=3, target_modules="all-linear"))
+    policy = fsdp_wrap_policy(model)
+    wrapped = {name for name, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=1)}
+    assert "model.layers.0" in wrapped and "model.layers.1" in wrapped
+    assert "model.layers.0.self_attn.q_proj.lora_A" in wrapped
+    assert "model.layers.0.self_attn.q_proj.router" in wrapped
+    assert "model.layers.0.self_attn.q_proj.base_layer" not in wrapped  # frozen: shards with its layer
+    assert not any(name.endswith("embed_tokens") for name in wrapped)

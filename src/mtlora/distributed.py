@@ -181,6 +181,8 @@ class Dist:
         """
         if self.world_size == 1:
             return (lambda batch: objective(model, batch)), optimizer
+        if "FSDP" in str(self.accelerator.distributed_type):
+            self.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
         self.wrapped, optimizer = self.accelerator.prepare(ObjectiveModule(model, objective), optimizer)
         return self.wrapped, optimizer
 
@@ -238,6 +240,34 @@ class Dist:
         if self.device is None:
             return batch
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _trainable_leaf(module: nn.Module) -> bool:
+    """A module without children whose own parameters all train: LoRA's ``lora_A``/``lora_B``, a router."""
+    params = list(module.parameters(recurse=False))
+    return not list(module.children()) and bool(params) and all(p.requires_grad for p in params)
+
+
+def fsdp_wrap_policy(model: nn.Module):
+    """FSDP (v1) auto-wrap policy: every decoder layer of the base (the model's ``_no_split_modules``)
+    is a unit, and so is every trainable leaf module of the adapters, so the adapter weights form flat
+    parameters apart from the frozen base weights (PEFT's policy, for our layers). R-LoRA/HydraLoRA's
+    stacked ``lora_B`` is a bare parameter of the adapter layer and stays in its decoder layer's unit
+    beside frozen weights, which ``fsdp_use_orig_params: true`` allows. Set by the trainer, whatever
+    wrap policy the accelerate config names."""
+    import functools
+
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+    return functools.partial(
+        _or_policy,
+        policies=[
+            functools.partial(lambda_auto_wrap_policy, lambda_fn=_trainable_leaf),
+            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers),
+        ],
+    )
 
 
 def setup() -> Dist:
