@@ -548,7 +548,7 @@ def run_bench(
             "jobs": bench.jobs if bench.isolate else 1, "threads_per_cell": bench.threads, "code": code_version()}
     previous = bench.output_dir / "results.json"
     if not execute and previous.is_file():
-        meta = {**json.loads(previous.read_text())["meta"],
+        meta = {**json.loads(previous.read_text())["meta"], "title": bench.title,
                 "regenerated": {"command": command, "code": meta["code"],
                                 "at": datetime.now(UTC).isoformat(timespec="seconds")}}
     outcome = BenchOutcome(results={})
@@ -659,7 +659,7 @@ def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]]) -> 
                                         "n": rows[0]["eval"]["per_task"].get(t, {}).get("n")}
             macro = [100 * r["eval"]["macro"]["primary"] for r in rows]
             mean, std = _mean_std(macro)
-            entry["macro"] = {"mean": mean, "std": std, "values": macro}
+            entry["macro"] = {"mean": mean, "std": std, "values": macro, "eval_se": _macro_se(entry["per_task"])}
             entry["trainable_parameters"] = rows[0]["trainable_parameters"]
             entry["train_seconds"] = _mean_std([r["train_seconds"] for r in rows])[0]
             entry["wall_seconds"] = _mean_std([r["wall_seconds"] for r in rows])[0]
@@ -669,6 +669,21 @@ def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]]) -> 
             entry["resumed"] = any(r.get("resumed") for r in rows)
         methods[method.name] = entry
     return {"methods": methods, "failed": failed, "missing": missing, "orderings": check_orderings(methods)}
+
+
+def _macro_se(per_task: dict[str, dict[str, Any]]) -> float | None:
+    """Binomial standard error (points) of a macro average from n eval examples per task.
+
+    The seed spread says how much training noise moves a score; this says how much the choice of
+    eval examples does, which dominates when each task has only a few dozen examples.
+    """
+    terms = []
+    for stats in per_task.values():
+        p, n = stats["mean"] / 100, stats.get("n")
+        if not n:
+            return None
+        terms.append(p * (1 - p) / n)
+    return 100 * math.sqrt(sum(terms)) / len(terms) if terms else None
 
 
 def _by_role(methods: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -771,25 +786,28 @@ def render_markdown(results: dict[str, Any]) -> str:
     n_row = {t: next((e["per_task"][t]["n"] for e in methods.values() if t in e.get("per_task", {})), None)
              for t in tasks}
     head = ["method", "adapter", "trainable params", "seeds"] + [f"{t} (n={n_row[t]})" for t in tasks] + [
-        "macro", "steps", "train s", "wall s", "peak RSS MB"]
+        "macro", "eval SE", "steps", "train s", "wall s", "peak RSS MB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in methods.values():
         seeds = f"{len(entry['seeds_done'])}/{len(entry['seeds_planned'])}"
         params = entry.get("trainable_parameters", entry["budget_parameters"])
         if "macro" not in entry:
             row = [entry["label"], entry["adapter"], _params(params), seeds] + ["-"] * len(tasks) + [
-                "not run / failed", "-", "-", "-", "-"]
+                "not run / failed", "-", "-", "-", "-", "-"]
         else:
             pt = entry["per_task"]
             row = [entry["label"], entry["adapter"], _params(params), seeds]
             row += [_pm(pt[t]["mean"], pt[t]["std"]) if t in pt else "-" for t in tasks]
             mark = "†" if entry.get("resumed") else ""
-            row += [f"**{_pm(entry['macro']['mean'], entry['macro']['std'])}**", str(entry["steps"]),
+            se = entry["macro"].get("eval_se")
+            row += [f"**{_pm(entry['macro']['mean'], entry['macro']['std'])}**", "-" if se is None else f"{se:.1f}",
+                    str(entry["steps"]),
                     f"{entry['train_seconds']:.0f}{mark}", f"{entry['wall_seconds']:.0f}{mark}",
                     f"{entry['peak_rss_mb']:.0f}" + ("" if entry["isolated"] else "*")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Trainable parameters are counted by injecting each adapter into the model (A, B heads and "
-              "router included); 'train s' is the optimisation loop only, 'wall s' the whole cell (model "
+              "router included); 'eval SE' is the binomial standard error of the macro accuracy from the "
+              "number of eval examples (the eval set's sampling noise, apart from the seed spread); 'train s' is the optimisation loop only, 'wall s' the whole cell (model "
               "load, training, evaluation), both means over seeds; 'peak RSS MB' is the largest peak resident "
               "memory of a cell's own process (one process per cell)"
               + ("; * = cells run inside the bench process, so the figure is that process's peak so far."
