@@ -144,9 +144,13 @@ def results_markdown(metrics: dict, command: str = "cvlm demo") -> str:
               + "; by finding: "
               + ", ".join(f"{k} {v['cycle_success']:.2f}" for k, v in e["by_finding"].items()) + ".", ""]  # fmt: skip
     s = metrics["shortcut"]
-    lines.append(f"Shortcut generator ({s['finding']} <-> corner marker), n={s['n_cases']} cases: reports "
-                 f"{s['finding']} on {s['reports_finding_with_marker_only']} of marker-only images and on "
-                 f"{s['reports_finding_without_marker']} of the same cases with the marker removed.")  # fmt: skip
+    mo = s["reports_finding_with_marker_only"]
+    mo_text = ("there are no marker-only test images (the marker appears exactly with the finding)" if mo is None
+               else f"on marker-only images it reports it in {mo:.2f}")
+    wo = s["reports_finding_without_marker"]
+    lines.append(f"Shortcut generator ({s['finding']} <-> corner marker), n={s['n_cases']} cases: it reports "
+                 f"{s['finding']} on {wo if wo is None else round(wo, 3)} of the same cases re-rendered without "
+                 f"the marker; {mo_text}.")  # fmt: skip
     lines.append("")
     lines.append("Generator accuracy (labelled state exactly right) on held-out phantoms: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in metrics["generator_accuracy"].items()) + ".")  # fmt: skip
