@@ -173,6 +173,24 @@ def demo_command(
                   f"adapter: {result['paths']['adapter']}")
 
 
+@app.command("analyze")
+def analyze_command(
+    adapter: Annotated[Path, typer.Argument(help="a multi-head adapter folder")],
+    out: Annotated[Path | None, typer.Option(help="where tables and heat maps go (default ADAPTER/analysis)")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="task (name or JSONL) for per-task router weights")] = None,
+    base_model: Annotated[str | None, typer.Option(help="base model (default: the adapter's)")] = None,
+    split: Annotated[str, typer.Option()] = "eval",
+    max_per_task: Annotated[int, typer.Option()] = 32,
+) -> None:
+    """Head cosine similarity per layer and per-task router weights: tables + heat-map PNGs."""
+    from mtlora.adapters.multihead.analysis import analyze_adapter
+
+    _quiet_libraries()
+    out_dir = out or adapter / "analysis"
+    analyze_adapter(adapter, out_dir, base_model=base_model, tasks=task, split=split, max_per_task=max_per_task)
+    console.print(f"analysis: {out_dir}")
+
+
 @app.command("bench")
 def bench_cli(
     config: Annotated[Path, typer.Argument(help="bench YAML (e.g. configs/bench/cpu.yaml)")],
