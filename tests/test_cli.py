@@ -88,7 +88,7 @@ def test_data_check_ok(monkeypatch, capsys, task_files):
     assert code == 0 and "sentiment" in out
 
 
-@pytest.mark.parametrize("adapter_type", ["lora"])
+@pytest.mark.parametrize("adapter_type", ["lora", "rlora"])
 def test_train_then_eval_from_the_cli(monkeypatch, capsys, tmp_path, tiny_model_dir, task_files, adapter_type):
     out = tmp_path / "run"
     cfg = _config(
@@ -104,3 +104,8 @@ def test_train_then_eval_from_the_cli(monkeypatch, capsys, tmp_path, tiny_model_
     )
     assert code == 0, err
     assert '"per_task"' in metrics.read_text()
+    if adapter_type != "lora":
+        code, _, err = run_cli(monkeypatch, capsys, "analyze", str(out / "adapter"), "--base-model",
+                               str(tiny_model_dir), "--task", str(task_files[0]), "--max-per-task", "4")
+        assert code == 0, err
+        assert any((out / "adapter" / "analysis").glob("*.png"))
