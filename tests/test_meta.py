@@ -205,7 +205,7 @@ def test_train_meta_end_to_end_saves_a_peft_loadable_adapter_and_resumes(tmp_pat
         f"model={model_dir}", f"tasks=[{data}]", "method=meta_lora", "adapter.r=4", "adapter.dropout=0.0",
         "adapter.target_modules=[q_proj,up_proj]", "meta.k=8", "meta.support_size=2", "meta.query_size=2",
         "meta.tasks_per_iter=2", "meta.iterations=4", "meta.inner_lr=0.1", "meta.outer_lr=0.01",
-        "train.save_every=2", "data.max_eval_per_task=4", "data.max_length=48",
+        "train.save_every=2", "data.max_eval_per_task=2", "data.max_length=48",
     ]
     full = train_meta(load_config(None, [*overrides, f"output_dir={tmp_path / 'full'}"]), progress=False)
     assert full["steps"] == 4 and len(full["history"]) == 4 and full["evals"][-1]["step"] == 4
