@@ -65,7 +65,7 @@ def test_grid_writes_outputs_and_skips_finished_cells(tmp_path, tiny_model_dir, 
     assert methods["rlora"]["budget_parameters"] == methods["rlora"]["trainable_parameters"] > 0
     table = (out / "table.md").read_text()
     assert "mtlora bench tiny.yaml" in table and "theirs: Qwen2.5-3B" in table
-    assert "R-LoRA > HydraLoRA | - | - | - | - | not run" in table  # no HydraLoRA in this grid
+    assert "R-LoRA > HydraLoRA | - | - | - | - | - | not run" in table  # no HydraLoRA in this grid
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
     cell = out / "cells" / "lora" / "seed1"
     assert yaml.safe_load((cell / "cell.yaml").read_text())["train"]["seed"] == 1
@@ -158,7 +158,11 @@ def test_orderings_verdicts():
         "m": entry("mlora", [50.0, 52.0]),  # mean 51
         "r": entry("rlora", [51.0, 53.0]),  # mean 52 > mlora: "M-LoRA > R-LoRA" fails within spread
     }
+    methods["z"] = entry("zero_shot", [50.0])
+    methods["l"] = entry("lora", [50.0, 52.0])  # only 1 pp above zero-shot: nothing learned to match
+    methods["k"] = entry("meta_k50", [50.0, 51.0])
     rows = {o["claim"]: o for o in check_orderings(methods)}
+    assert rows["MeTA-LoRA k=50/task matches LoRA on all data"]["verdict"].startswith("held (vacuous")
     assert rows["A-LoRA-K > M-LoRA"]["verdict"] == "held (beyond the seed spread)"
     assert rows["M-LoRA > R-LoRA"]["verdict"] == "did not hold (within the seed spread)"
     assert rows["R-LoRA > HydraLoRA"]["verdict"] == "not run"

@@ -737,8 +737,20 @@ def check_orderings(methods: dict[str, Any]) -> list[dict[str, Any]]:
             verdict = "did not hold" + (" (beyond the seed spread)" if beyond else
                                         " (within the seed spread)" if spread is not None else
                                         " (one seed: spread unknown)")
+        ses = [a.get("eval_se")] + [roles[r]["macro"].get("eval_se") for r in rights]
+        eval_se = None if any(v is None for v in ses) else math.sqrt(ses[0] ** 2 + (
+            math.sqrt(sum(v * v for v in ses[1:])) / len(rights)) ** 2)
+        if held and rel in (">", ">=") and beyond and eval_se is not None and abs(diff) <= eval_se:
+            verdict += ", but within the eval-set SE"
+        # "matches" / "close" claims are empty when the reference itself did not move off the base model
+        base = roles.get("zero_shot")
+        if held and rel in ("~", ">=~") and base is not None:
+            gain = b_mean - base["macro"]["mean"]
+            noise = max(v for v in (spread, eval_se, 0.0) if v is not None)
+            if gain <= noise:
+                verdict += (f" (vacuous: the reference is only {gain:+.1f} pp above zero-shot, within the noise)")
         row.update({"left_mean": a["mean"], "right_mean": b_mean, "diff": diff, "spread": spread,
-                    "held": held, "beyond_spread": beyond, "verdict": verdict})
+                    "eval_se": eval_se, "held": held, "beyond_spread": beyond, "verdict": verdict})
         out.append(row)
     return out
 
@@ -815,18 +827,24 @@ def render_markdown(results: dict[str, Any]) -> str:
               + (" † = a cell resumed from a checkpoint of an interrupted attempt: its times are the last "
                  "attempt's only." if any(e.get("resumed") for e in methods.values()) else "")]
     lines += ["", "## The papers' orderings, checked on our macro means", "",
-              "| claim | ours: left | ours: right | diff (pp) | seed spread (pp) | verdict |", "|---|---|---|---|---|---|"]
+              "| claim | ours: left | ours: right | diff (pp) | seed spread (pp) | eval SE (pp) | verdict |",
+              "|---|---|---|---|---|---|---|"]
     for o in agg["orderings"]:
         if o["verdict"] == "not run":
-            lines.append(f"| {o['claim']} | - | - | - | - | not run |")
+            lines.append(f"| {o['claim']} | - | - | - | - | - | not run |")
             continue
         spread = "-" if o["spread"] is None else f"{o['spread']:.1f}"
+        eval_se = "-" if o.get("eval_se") is None else f"{o['eval_se']:.1f}"
         lines.append(f"| {o['claim']} | {o['left_mean']:.1f} | {o['right_mean']:.1f} | {o['diff']:+.1f} | "
-                     f"{spread} | {o['verdict']} |")
+                     f"{spread} | {eval_se} | {o['verdict']} |")
     lines += ["", "Seed spread = sqrt(std_left² + std_right²) of the macro accuracy over seeds (a right side of "
               "several methods uses their mean). '>' holds if the difference is positive, and is called "
               "beyond the seed spread only if it exceeds it; '>=' and 'matches' hold unless the left side is "
-              "lower by more than the spread; 'close' holds if the gap is within it."]
+              "lower by more than the spread; 'close' holds if the gap is within it. Eval SE = the binomial "
+              "standard error of the difference from the number of eval examples (unpaired, so conservative): "
+              "a difference beyond the seed spread but within it may not carry over to other eval examples. "
+              "A 'matches'/'close' verdict is marked vacuous when the reference method is itself not above "
+              "zero-shot by more than the noise (then nothing was learned that could be matched)."]
     lines += ["", "## Reference: the papers' numbers (theirs, not ours: larger models, full training sets)", ""]
     sources = list(PAPER_REFERENCE)
     lines += ["| role | ours (this table) | " + " | ".join(sources) + " |", "|" + "---|" * (len(sources) + 2)]
