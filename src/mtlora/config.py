@@ -113,8 +113,8 @@ class MetaConfig:
     split half support / half query (disjoint, so the query loss measures adaptation). 4+4 examples
     per task and n=4 tasks give a 32-example meta-batch, like an 8-example LoRA step per stage. S=1
     inner step with first order is the cheap standard of first-order MAML/Reptile-style LLM work;
-    alpha=1e-2 is an SGD step that moves a fresh LoRA measurably (LoRA gradients are small) without
-    overshooting; beta=1e-3 is the AdamW lr our plain-LoRA demo uses. ``mean`` aggregation keeps the
+    alpha=1e-2 is a plain SGD step large enough for LoRA's small gradients to move theta_i (untuned:
+    no sweep was run); beta=1e-3 is the AdamW lr our plain-LoRA demo uses. ``mean`` aggregation keeps the
     outer step size independent of n.
     """
 
