@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.adapters import count_parameters, save_adapter, trainable_parameters
+from mtlora.adapters import trainable_parameters
 from mtlora.adapters.inject import adapter_layers
 from mtlora.config import MetaConfig, RunConfig, save_config
 from mtlora.data.collate import TaskCollator
@@ -56,13 +56,11 @@ from mtlora.data.example import Example
 from mtlora.errors import UserError
 from mtlora.objectives.lm import IGNORE_INDEX, supervised_hidden, supervised_lm_loss
 from mtlora.train import (
-    ADAPTER_DIR,
     CHECKPOINT_DIR,
     TrainingDiverged,
     TrainState,
-    _write_json,
-    adapter_extra,
     evaluate_run,
+    finish_run,
     load_checkpoint,
     make_optimizer,
     prepare_output_dir,
@@ -349,7 +347,6 @@ def train_meta(
     sampler = MetaSampler(kshot_pools(run.train_examples, meta), meta, seed=tcfg.seed)
     optimizer, scheduler = make_optimizer(model, meta_optimizer_config(config), meta.iterations)
     state = load_checkpoint(run, optimizer, scheduler, sampler, out) if resume else TrainState()
-    trainable, total = count_parameters(model)
     theta = [p for _, p in trainable_parameters(model)]
     model.train()
 
@@ -387,21 +384,4 @@ def train_meta(
             if state.step % tcfg.save_every == 0 or state.step == meta.iterations:
                 save_checkpoint(run, optimizer, scheduler, sampler, state, out)
 
-    elapsed = time.perf_counter() - start
-    model.eval()
-    save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
-    final_eval = evaluate_run(run, state.step, progress=progress) if run.eval_examples else None
-    if final_eval is not None:
-        state.evals.append(final_eval)
-    summary = {
-        "adapter": str(out / ADAPTER_DIR),
-        "method": config.method,
-        "steps": state.step,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "train_seconds": elapsed,
-        "history": state.history,
-        "evals": state.evals,
-    }
-    _write_json(out / "results.json", summary)
-    return summary
+    return finish_run(run, state, out, time.perf_counter() - start, progress=progress)

@@ -27,6 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,37 @@ def make_optimizer(model: nn.Module, config: RunConfig, steps: int):
     return optimizer, scheduler
 
 
+def finish_run(
+    run: Run, state: TrainState, out: Path, elapsed: float, *, progress: bool, dist=None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Save the final adapter, run the final evaluation, write ``results.json``: the end of every
+    training procedure (the main loop here, MeTA-LoRA's meta loop). Only the main rank writes."""
+    is_main = dist is None or dist.is_main
+    model = run.model
+    model.eval()
+    with dist.full_params(model) if dist is not None else nullcontext():
+        if is_main:
+            save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
+    if is_main and run.eval_examples:
+        state.evals.append(evaluate_run(run, state.step, progress=progress))
+    trainable, total = count_parameters(model)
+    summary = {
+        "adapter": str(out / ADAPTER_DIR),
+        "method": run.config.method,
+        "steps": state.step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds": elapsed,
+        **(extra or {}),
+        "history": state.history,
+        "evals": state.evals,
+    }
+    if is_main:
+        _write_json(out / "results.json", summary)
+    return summary
+
+
 def train(
     config: RunConfig,
     *,
@@ -325,7 +357,6 @@ def train(
                         "state is sharded); resume under DDP or one process")
     state = load_checkpoint(run, optimizer, scheduler, sampler, out, dist) if resume else TrainState()
     step_fn, optimizer = dist.wrap(model, objective, optimizer)
-    trainable, total = count_parameters(model)
     stream = micro_batches(run, sampler)
     model.train()
 
@@ -370,28 +401,14 @@ def train(
                 save_checkpoint(run, optimizer, scheduler, sampler, state, out, dist)
 
     elapsed = time.perf_counter() - start
-    model.eval()
-    final_eval = None
-    with dist.full_params(model):
-        if dist.is_main:
-            save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
-    if dist.is_main:
-        final_eval = evaluate_run(run, state.step, progress=progress) if run.eval_examples else None
-    if final_eval is not None:
-        state.evals.append(final_eval)
-    summary = {
-        "adapter": str(out / ADAPTER_DIR),
-        "method": config.method,
-        "steps": state.step,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "train_seconds": elapsed,
-        "world_size": dist.world_size,
-        "history": state.history,
-        "evals": state.evals,
-    }
-    if dist.is_main:
-        _write_json(out / "results.json", summary)
+    extra = {"world_size": dist.world_size}
+    if config.method == "align_lora":
+        extra["align_skipped_batches"] = getattr(objective, "skipped", 0)
+    summary = finish_run(run, state, out, elapsed, progress=progress, dist=dist, extra=extra)
+    if dist.is_main and config.method == "align_lora":
+        from mtlora.objectives.align import plot_align_history
+
+        plot_align_history(state.history, out / "align_history.png")
     dist.barrier()  # every rank returns once the outputs exist
     return summary
 
