@@ -748,7 +748,7 @@ def check_orderings(methods: dict[str, Any]) -> list[dict[str, Any]]:
             gain = b_mean - base["macro"]["mean"]
             noise = max(v for v in (spread, eval_se, 0.0) if v is not None)
             if gain <= noise:
-                verdict += (f" (vacuous: the reference is only {gain:+.1f} pp above zero-shot, within the noise)")
+                verdict += f" (vacuous: the reference is {gain:+.1f} pp from zero-shot, within the noise)"
         row.update({"left_mean": a["mean"], "right_mean": b_mean, "diff": diff, "spread": spread,
                     "eval_se": eval_se, "held": held, "beyond_spread": beyond, "verdict": verdict})
         out.append(row)
