@@ -201,11 +201,13 @@ def bench_cli(
     progress: Annotated[bool, typer.Option(help="show progress bars (in-process cells)")] = True,
 ) -> None:
     """Run a grid of methods x seeds: results.json, table.md, chart.png (resumable; exit 1 if a cell failed)."""
+    import shlex
+
     from mtlora.bench import bench_command
 
     _quiet_libraries()
-    command = " ".join(["mtlora bench", str(config), *(overrides or []), *(f"--only {m}" for m in only or []),
-                        *(["--report"] if report else [])])
+    command = shlex.join(["mtlora", "bench", str(config), *(overrides or []),
+                          *(a for m in only or [] for a in ("--only", m)), *(["--report"] if report else [])])
     code = bench_command(config, overrides or [], budgets_only=budgets, report_only=report, only=only,
                          progress=progress,
                          echo=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
