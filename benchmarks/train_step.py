@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--answer-tokens", type=int, default=8)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -51,10 +52,10 @@ def main() -> None:
     device = torch.device(args.device)
 
     ours, tok = load_model(args.model)
-    inject_adapters(ours, make_adapter_config("lora", r=8, alpha=16, dropout=0.05, target_modules="all-linear"))
+    inject_adapters(ours, make_adapter_config("lora", r=8, alpha=16, dropout=args.dropout, target_modules="all-linear"))
     base_for_peft, _ = load_model(args.model)
     peft_model = peft.get_peft_model(
-        base_for_peft, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
+        base_for_peft, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear")
     )
     floor, _ = load_model(args.model)
     for p in floor.parameters():
@@ -107,7 +108,7 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
 
     print(f"SmolLM2 step: batch {args.batch} x {args.seq} tokens, {args.answer_tokens} answer tokens/row, "
-          f"LoRA r=8 all-linear ({n_ours:,} trainable), {reps} interleaved reps, device {device}, "
+          f"LoRA r=8 dropout {args.dropout} all-linear ({n_ours:,} trainable), {reps} interleaved reps, device {device}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'variant':<8} {'median s':>10} {'min s':>10} {'max s':>10}")
     for name in models:

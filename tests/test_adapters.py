@@ -211,3 +211,16 @@ def test_stacked_per_example_adapters_match_one_adapter_at_a_time(arch):
                 layer.lora_B.weight.copy_(stacked[name][1][k])
         single = model(**batch).logits
         torch.testing.assert_close(mixed[row], single[row], atol=1e-5, rtol=1e-5)
+
+
+def test_input_dropout_rate_scaling_and_eval_identity():
+    from mtlora.adapters.lora import InputDropout
+
+    torch.manual_seed(0)
+    drop = InputDropout(0.2)
+    x = torch.ones(400, 500)
+    y = drop.train()(x)
+    assert abs((y == 0).float().mean().item() - 0.2) < 0.01
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
+    assert abs(y.mean().item() - 1.0) < 0.02
+    assert drop.eval()(x) is x

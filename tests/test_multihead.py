@@ -20,6 +20,7 @@ from mtlora.adapters import (
     save_adapter,
     unload,
 )
+from mtlora.adapters.lora import InputDropout
 from mtlora.adapters.multihead import METHODS, MultiHeadLoraLinear, router_aux_loss
 from mtlora.errors import UserError
 from mtlora.testing import TINY_ARCHS, tiny_model
@@ -64,7 +65,7 @@ def loop_reference_delta(layer: MultiHeadLoraLinear, x: torch.Tensor) -> torch.T
     n, r, p = layer.num_heads, layer.r, layer.dropout_p
     train = layer.training and p > 0
     if not layer.per_head_dropout and train:
-        x_a = x * F.dropout(torch.ones_like(x), p, training=True)
+        x_a = x * InputDropout(p).train()(torch.ones_like(x))
     else:
         x_a = x
     phi = x_a @ layer.lora_A.weight.T

@@ -76,6 +76,24 @@ class LoraConfig:
         return {f.name for f in fields(cls)}
 
 
+class InputDropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper mask on CPU: ``rand >= p`` instead of ``bernoulli_``.
+
+    The adapter's dropout runs on the full ``d_in``-wide input of every adapted layer, so its mask
+    costs as much as the frozen matmul itself; drawing uniforms and comparing is about twice as fast
+    as the Bernoulli sampler on CPU (measured: 1024 x 1536 fp32, 2 threads). Same distribution, same
+    torch RNG stream (so checkpoints restore it), same ``1 / (1 - p)`` scaling.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.is_cuda:  # the fused CUDA kernel is already fast
+            return super().forward(x)
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class LoraLinear(nn.Module):
     """``h = W0 x + s * B A drop(x)`` around a frozen ``nn.Linear``."""
 
@@ -89,7 +107,7 @@ class LoraLinear(nn.Module):
         self.scaling = config.scaling
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_dropout = InputDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
         self._init_adapter(config)
