@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,17 @@ def task_files(tmp_path) -> list[Path]:
         for i in range(16)
     ]
     return [write_jsonl(tmp_path / "sentiment.jsonl", sentiment), write_jsonl(tmp_path / "qa.jsonl", qa)]
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``mtlora ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from mtlora.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mtlora", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

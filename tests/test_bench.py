@@ -179,19 +179,10 @@ def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):
 
 
 def test_cli_budgets_and_user_error(monkeypatch, capsys, tmp_path, tiny_model_dir, task_files):
-    import sys
-
-    from mtlora.cli import main
+    from conftest import run_cli
 
     def cli(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["mtlora", "bench", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        return run_cli(monkeypatch, capsys, "bench", *args)
 
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump({

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import yaml
-
-from mtlora.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["mtlora", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
