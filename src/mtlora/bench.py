@@ -54,7 +54,7 @@ from typing import Any
 
 import yaml
 
-from mtlora.config import RunConfig, load_config, parse_overrides
+from mtlora.config import RunConfig, deep_merge, load_config, parse_overrides
 from mtlora.errors import UserError
 
 CELLS_DIR = "cells"
@@ -140,17 +140,6 @@ class BenchConfig:
 
     def cell_dir(self, method: MethodSpec, seed: int) -> Path:
         return self.output_dir / CELLS_DIR / method.name / f"seed{seed}"
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` over ``base``, recursively for mappings (a method's ``adapter: {r: 4}`` keeps the rest)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _as_overrides(value: Any, where: str) -> dict[str, Any]:

@@ -286,11 +286,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, recursively for mappings (``adapter: {r: 4}`` keeps the other keys)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -315,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise UserError(path, "expected a mapping of config keys at the top level")
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides))
+        raw = deep_merge(raw, parse_overrides(overrides))
     return _build(RunConfig, raw, "", source, text)
 
 
