@@ -137,13 +137,17 @@ class Manipulator(nn.Module):
         return m.eval()
 
 
-def encode_batch(tokenizer: Tokenizer, reports: list[str], max_len: int) -> Tensor:
-    ids = [tokenizer.encode(r)[:max_len] for r in reports]
+def pad_tokens(ids: list[list[int]]) -> Tensor:
+    """Right-pad token id lists with ``Tokenizer.PAD`` into one (B, T) tensor."""
     T = max(len(i) for i in ids)
     out = torch.full((len(ids), T), Tokenizer.PAD, dtype=torch.long)
     for k, i in enumerate(ids):
         out[k, : len(i)] = torch.tensor(i)
     return out
+
+
+def encode_batch(tokenizer: Tokenizer, reports: list[str], max_len: int) -> Tensor:
+    return pad_tokens([tokenizer.encode(r)[:max_len] for r in reports])
 
 
 def total_variation(delta: Tensor) -> Tensor:

@@ -14,21 +14,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .generator import CXRReportGenerator, cosine_lr, freeze
-from .manipulator import Manipulator, manipulator_losses
+from .manipulator import Manipulator, manipulator_losses, pad_tokens
 from .phantoms import Phantom
-from .reports import Tokenizer, random_edit, write_report
+from .reports import random_edit, write_report
 
 
 def images_tensor(phantoms: Sequence[Phantom]) -> torch.Tensor:
     return torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
-
-
-def pad_tokens(ids: list[list[int]]) -> torch.Tensor:
-    T = max(len(i) for i in ids)
-    out = torch.full((len(ids), T), Tokenizer.PAD, dtype=torch.long)
-    for k, i in enumerate(ids):
-        out[k, : len(i)] = torch.tensor(i)
-    return out
 
 
 def _progress(enabled: bool) -> Progress:
