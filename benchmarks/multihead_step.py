@@ -48,13 +48,13 @@ VARIANTS = ("lora", "rlora", "rlora_loop")
 class LoopRLoraLinear(MultiHeadLoraLinear):
     """Reference R-LoRA with a Python loop over heads (benchmark only; the library never loops)."""
 
-    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         phi = self.lora_A(x)
         w = (self.router_weights(x) * self.scaling).to(phi.dtype)
         out = 0
         for i in range(self.num_heads):
             out = out + w[..., i : i + 1] * F.linear(self.lora_dropout(phi), self.lora_B[i])
-        return out
+        return out if base is None else base + out
 
 
 def build(variant: str, model):

@@ -224,3 +224,40 @@ def test_input_dropout_rate_scaling_and_eval_identity():
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
     assert abs(y.mean().item() - 1.0) < 0.02
     assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_add_low_rank_matches_autograd_of_the_plain_formula(lead):
+    from mtlora.adapters.lora import add_low_rank
+
+    torch.manual_seed(0)
+    base = torch.randn(*lead, 5, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(*lead, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    # base * 1: a fresh non-leaf output, like the frozen layer's (add_low_rank writes into it)
+    fn = lambda bs, zz, bb: add_low_rank(bs * 1, zz, bb, 0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (base, z, b))
+    assert torch.autograd.gradgradcheck(fn, (base, z, b))  # MeTA-LoRA's second-order path needs it
+    y = add_low_rank(base * 1, z, b, 0.7)
+    torch.testing.assert_close(y, base + 0.7 * torch.nn.functional.linear(z, b))
+    leaf = add_low_rank(base, z, b, 0.7)  # a leaf that wants a gradient is not written into
+    torch.testing.assert_close(leaf, y)
+    # frozen base output (no grad needed): only z and b get gradients
+    y = add_low_rank(base.detach().clone(), z, b, 0.7)
+    y.sum().backward()
+    assert z.grad is not None and b.grad is not None and b.grad.is_contiguous()
+
+
+def test_dropout_keep_mask_is_seeded_and_has_the_realised_rate():
+    from mtlora.adapters.lora import dropout_keep_mask
+
+    x = torch.zeros(300, 501)  # an odd element count: the last 64-bit draw is partly used
+    torch.manual_seed(3)
+    keep, rescale = dropout_keep_mask(x, 0.05)
+    torch.manual_seed(3)
+    again, _ = dropout_keep_mask(x, 0.05)
+    other, _ = dropout_keep_mask(x, 0.05)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    assert torch.equal(keep, again) and not torch.equal(keep, other)
+    assert abs((~keep).float().mean().item() - 0.05) < 0.003
+    assert rescale == pytest.approx(1 / (1 - 3277 / 65536))

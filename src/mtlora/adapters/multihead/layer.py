@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.adapters.context import current_context
-from mtlora.adapters.lora import LoraConfig, LoraLinear
+from mtlora.adapters.lora import LoraConfig, LoraLinear, add_low_rank
 from mtlora.errors import UserError
 
 METHODS = ("hydralora", "rlora", "mlora")
@@ -214,7 +214,7 @@ class MultiHeadLoraLinear(LoraLinear):
         return self.num_heads * (f * p.mean(0)).sum()
 
     # --- forward --------------------------------------------------------------------------------
-    def adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         ctx = current_context()
         if ctx.stacked is not None and self.name in ctx.stacked:
             raise UserError(
@@ -222,7 +222,10 @@ class MultiHeadLoraLinear(LoraLinear):
             )
         per_head = self.per_head_dropout and self.training and self.dropout_p > 0
         # HydraLoRA: one mask on x. R-LoRA/M-LoRA: A sees x, masks come per head below.
-        phi = self.lora_A(x if self.per_head_dropout else self.lora_dropout(x))  # (..., r), computed once
+        x_kept, rescale = (x, 1.0) if self.per_head_dropout else self.lora_dropout.masked(x)
+        phi = self.lora_A(x_kept)  # (..., r), computed once
+        if rescale != 1.0:
+            phi = phi * rescale
         if ctx.capture is not None:
             ctx.capture.append((self.name, phi))
         w = self.router_weights(x)
@@ -233,13 +236,16 @@ class MultiHeadLoraLinear(LoraLinear):
                 self.last_aux_loss = self._load_balance_loss(w)
         w = (w * self.scaling).to(phi.dtype)
         if self.router is None and not per_head:  # fixed weights, shared phi: one (d_out, r) matrix
-            return F.linear(phi, torch.einsum("n,nor->or", w, self.lora_B))
-        z = phi.unsqueeze(-2).expand(*phi.shape[:-1], self.num_heads, self.r)
-        if per_head:  # one call on the (..., N, r) tensor: an independent mask for every head
-            z = F.dropout(z, self.dropout_p, training=True)
-        z = z * w.unsqueeze(-1)  # fold the router weights in before the B contraction
-        b_flat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
-        return F.linear(z.flatten(-2), b_flat)
+            z, b = phi, torch.einsum("n,nor->or", w, self.lora_B)
+        else:
+            z = phi.unsqueeze(-2).expand(*phi.shape[:-1], self.num_heads, self.r)
+            if per_head:  # one call on the (..., N, r) tensor: an independent mask for every head
+                z = F.dropout(z, self.dropout_p, training=True)
+            z = (z * w.unsqueeze(-1)).flatten(-2)  # fold the router weights in before the B contraction
+            b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
+        if base is None:
+            return F.linear(z, b)
+        return add_low_rank(base, z, b, 1.0)
 
     # --- merge ----------------------------------------------------------------------------------
     def can_merge(self) -> str | None:
