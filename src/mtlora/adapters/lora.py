@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtlora.adapters.context import current_context
@@ -118,8 +117,16 @@ class InputDropout(nn.Dropout):
         return x if rescale == 1.0 else x * rescale
 
 
+def _grouped(t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``(tokens, width)``, or ``(n, tokens per adapter, width)`` for n stacked ``b``."""
+    return t.reshape(-1, t.shape[-1]) if b.dim() == 2 else t.reshape(b.shape[0], -1, t.shape[-1])
+
+
 class _LowRankUp(torch.autograd.Function):
     """``base + s * z @ B.T`` for a thin ``z`` (..., k), k = r (LoRA) or N * r (all heads at once).
+
+    ``B`` is one ``(d_out, k)`` matrix, or n stacked ``(n, d_out, k)`` (per-example adapters: the
+    rows of ``z`` / ``base`` split into n equal consecutive groups, group i uses ``B[i]``).
 
     The same maths as ``base + s * F.linear(z, B)``, arranged for speed (``benchmarks/train_step.py``):
     the GEMM accumulates into ``base`` in place (``addmm_``; ``base`` is the frozen layer's fresh
@@ -130,8 +137,10 @@ class _LowRankUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        z2 = z.reshape(-1, z.shape[-1])
-        base.view(-1, b.shape[0]).addmm_(z2, b.t(), alpha=scale)
+        if b.dim() == 2:
+            _grouped(base, b).addmm_(_grouped(z, b), b.mT, alpha=scale)
+        else:
+            _grouped(base, b).baddbmm_(_grouped(z, b), b.mT, alpha=scale)
         ctx.mark_dirty(base)
         ctx.save_for_backward(z, b)  # the inputs themselves, so a second-order backward reaches them
         ctx.scale = scale
@@ -140,25 +149,27 @@ class _LowRankUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         z, b = ctx.saved_tensors
-        z2, g2 = z.reshape(-1, z.shape[-1]), g.reshape(-1, g.shape[-1])
+        zg, gg = _grouped(z, b), _grouped(g, b)
         grad_z = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_z = (b.t().contiguous() @ g2.t()).t().mul(ctx.scale).reshape(z.shape)
+            grad_z = (b.mT.contiguous() @ gg.mT).mT.mul(ctx.scale).reshape(z.shape)
         if ctx.needs_input_grad[2]:
-            grad_b = (z2.t() @ g2).t().mul(ctx.scale).contiguous()
+            grad_b = (zg.mT @ gg).mT.mul(ctx.scale).contiguous()
         return (g if ctx.needs_input_grad[0] else None), grad_z, grad_b, None
 
 
 def add_low_rank(base: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``base + scale * F.linear(z, b)``: the up-projection every adapter type ends with."""
+    """``base + scale * z @ b.T``: the up-projection every adapter type ends with (see ``_LowRankUp``
+    for stacked ``b``)."""
     if (
         torch.is_autocast_enabled(z.device.type)
         or not base.dtype == z.dtype == b.dtype
         or not base.is_contiguous()
         or base._base is not None  # a view of something else: do not write into it
         or (base.is_leaf and base.requires_grad)
-    ):
-        return base + (F.linear(z, b) * scale).to(base.dtype)  # let autocast / dtype rules decide
+    ):  # the plain formula; autocast / dtype promotion decide the precision
+        delta = (_grouped(z, b) @ b.mT).reshape(base.shape)
+        return base + (delta * scale).to(base.dtype)
     return _LowRankUp.apply(base, z, b, scale)
 
 
@@ -202,29 +213,33 @@ class LoraLinear(nn.Module):
     def adapter_delta(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The update ``s * B A drop(x)``, added to ``base`` (the frozen layer's output) when given."""
         ctx = current_context()
-        if ctx.stacked is not None and self.name in ctx.stacked:
-            delta = self._stacked_delta(x, ctx)
-            return delta if base is None else base + delta.to(base.dtype)
+        stacked = ctx.stacked is not None and self.name in ctx.stacked
         x_kept, rescale = self.lora_dropout.masked(x)
-        phi = self.lora_A(x_kept)
+        if stacked:
+            phi, b = self._stacked_phi(x_kept, ctx)
+        else:
+            phi, b = self.lora_A(x_kept), self.lora_B.weight
         if rescale != 1.0:
             phi = phi * rescale  # the dropout rescale, applied r-wide instead of d_in-wide
         if ctx.capture is not None:
-            ctx.capture.append((self.name, phi))
+            ctx.capture.append((self.name, phi.reshape(*x.shape[:-1], self.r)))
         if base is None:
-            return self.lora_B(phi) * self.scaling
-        return add_low_rank(base, phi, self.lora_B.weight, self.scaling)
+            base = torch.zeros(*x.shape[:-1], self.out_features, dtype=phi.dtype, device=phi.device)
+        return add_low_rank(base, phi, b, self.scaling)
 
-    def _stacked_delta(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        """Per-example adapters: row b uses ``A[idx[b]], B[idx[b]]`` (one batched op for all)."""
+    def _stacked_phi(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example adapters (row j uses ``A[idx[j]], B[idx[j]]``): ``(A x, the B to apply)``.
+
+        When the rows come as n equal consecutive blocks, one per adapter (``collate_slots``'
+        layout, MeTA-LoRA), each block is one GEMM against its own ``A[i]`` with no copy of the
+        weights; any other index gathers one ``(A, B)`` per row.
+        """
         a_stack, b_stack = ctx.stacked[self.name]  # (n, r, d_in), (n, d_out, r)
-        idx = ctx.adapter_index
-        a = a_stack.index_select(0, idx)  # (batch, r, d_in)
-        b = b_stack.index_select(0, idx)  # (batch, d_out, r)
-        phi = torch.einsum("bti,bri->btr", self.lora_dropout(x), a)
-        if ctx.capture is not None:
-            ctx.capture.append((self.name, phi))
-        return torch.einsum("btr,bor->bto", phi, b) * self.scaling
+        idx, n, rows = ctx.adapter_index, a_stack.shape[0], x.shape[0]
+        blocks = torch.arange(n, device=idx.device).repeat_interleave(rows // n)
+        if rows % n == 0 and torch.equal(idx, blocks):
+            return x.reshape(n, -1, x.shape[-1]) @ a_stack.mT, b_stack  # (n, rows/n * T, r)
+        return x @ a_stack.index_select(0, idx).mT, b_stack.index_select(0, idx)  # (rows, T, r)
 
     # --- merge ----------------------------------------------------------------------------------
     def can_merge(self) -> str | None:
