@@ -42,6 +42,8 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    budget_s: float = typer.Option(-1.0, "--budget-s", help="wall-clock seconds for the four trainings together "
+                                   "(default: the config's; 0 = no time cap, run the step counts exactly)"),
 ) -> None:
     """Train generator, manipulator and the shortcut pair on phantoms; write metrics.json and report.html."""
     from .pipeline import DemoConfig, run_demo
@@ -50,6 +52,8 @@ def demo(
     _out_dir(out, overwrite, ("metrics.json", "report.html", "generator.pt"))
     cfg = DemoConfig.quick() if quick else DemoConfig()
     cfg.seed = seed
+    if budget_s >= 0:
+        cfg.budget_s = budget_s or None
     m = run_demo(out, cfg, progress=progress, log=lambda s: typer.echo(s, err=True))
     for k, t in m["targets"].items():
         typer.echo(f"{k:38s} {t['value']:.3f}  target {t['target']:8s} {'met' if t['met'] else 'MISSED'}")

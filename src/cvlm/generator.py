@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reports import Tokenizer
+from .reports import REPORT_DIM, Tokenizer
 
 
 @runtime_checkable
@@ -57,6 +57,11 @@ class GeneratorConfig:
     channels: tuple[int, ...] = (16, 32, 64, 64)
     max_len: int = 72
     image_size: int = 64
+    # weight of the auxiliary finding loss (0 = off): a linear head on the mean- and max-pooled
+    # encoder grid predicts the report's 48-d finding vector (``reports.report_vector``). It is a
+    # training signal only (generation and log-likelihood never use the head); it makes the encoder
+    # learn the small findings (nodule, pneumothorax, opacity) within the CPU budget.
+    aux_weight: float = 1.0
 
 
 class CXRReportGenerator(nn.Module):
@@ -85,6 +90,7 @@ class CXRReportGenerator(nn.Module):
         self.decoder = nn.TransformerDecoder(layer, cfg.n_layers)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, len(tokenizer))
+        self.finding_head = nn.Linear(2 * cfg.d_model, REPORT_DIM)
 
     # -- pieces ---------------------------------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
@@ -123,10 +129,19 @@ class CXRReportGenerator(nn.Module):
     def log_likelihood(self, images: Tensor, reports: list[str]) -> Tensor:
         return self.log_likelihood_from_features(self.encode(images), reports)
 
-    def loss(self, images: Tensor, tokens: Tensor) -> Tensor:
-        """Mean token cross-entropy (teacher forcing) - the training loss and the cycle loss."""
-        logits = self.logits(self.encode(images), tokens[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=Tokenizer.PAD)
+    def loss(self, images: Tensor, tokens: Tensor, findings: Tensor | None = None) -> Tensor:
+        """Mean token cross-entropy (teacher forcing), plus ``aux_weight`` x the binary
+        cross-entropy of the finding head when the reports' finding vectors (B, 48) are given."""
+        feats = self.encode(images)
+        logits = self.logits(feats, tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=Tokenizer.PAD)
+        if findings is not None and self.cfg.aux_weight > 0:
+            loss = loss + self.cfg.aux_weight * F.binary_cross_entropy_with_logits(self.finding_logits(feats), findings)
+        return loss
+
+    def finding_logits(self, feats: Tensor) -> Tensor:
+        """Auxiliary head: (B, 48) finding-vector logits from the pooled encoder grid."""
+        return self.finding_head(torch.cat([feats.mean((2, 3)), feats.amax((2, 3))], 1))
 
     def sequence_nll(self, images: Tensor, tokens: Tensor) -> Tensor:
         """Summed token NLL per sequence (B,), used as the cycle loss so that the few tokens an

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .phantoms import FINDINGS, SIDES, SIZES, ZONES
-from .reports import Tokenizer, label_report
+from .reports import REPORT_DIM, Tokenizer, report_vector
 
 
 @dataclass
@@ -37,20 +36,6 @@ class ManipulatorConfig:
 DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0}
 
 
-def report_vector(report: str) -> list[float]:
-    """48-d encoding of a report: per finding [present, right, left, upper, mid, lower, small, large]."""
-    found = label_report(report)
-    vec: list[float] = []
-    for name in FINDINGS:
-        f = found.get(name)
-        vec.append(1.0 if f else 0.0)
-        vec += [1.0 if f and f.side == v else 0.0 for v in SIDES]
-        vec += [1.0 if f and f.zone == v else 0.0 for v in ZONES]
-        vec += [1.0 if f and f.size == v else 0.0 for v in SIZES]
-    return vec
-
-
-REPORT_DIM = len(FINDINGS) * (1 + len(SIDES) + len(ZONES) + len(SIZES))
 
 
 class TextEncoder(nn.Module):

@@ -104,13 +104,18 @@ def write_html(path: Path, metrics: dict, test: list[Phantom], cases: list[tuple
             parts.append(f"<tr><td>{g}</td><td>{r['n']}</td><td>{_fmt(r['cycle_success'])}</td>"
                          f"<td>{_fmt(r['collateral_change'])}</td></tr>")  # fmt: skip
     s = metrics["shortcut"]
-    parts.append("</table><h2>Shortcut test</h2><p>A second generator is trained on phantoms where a corner marker "
-                 f"appears exactly when {s['finding']} is present. It reports {s['finding']} on "
-                 f"{_fmt(s['reports_finding_with_marker_only'])} of marker-only images and on "
-                 f"{_fmt(s['reports_finding_without_marker'])} of the same cases with the marker removed. "
-                 f"Fraction of maps whose maximum lies on the marker (n={s['n_cases']}):</p><table><tr>"
-                 + "".join(f"<th>{m}</th>" for m in s["on_marker"]) + "</tr><tr>"
-                 + "".join(f"<td>{_fmt(v)}</td>" for v in s["on_marker"].values()) + "</tr></table>")  # fmt: skip
+    parts.append("</table><h2>Shortcut test</h2><p>A second generator G_s is trained on phantoms where a corner marker "
+                 f"appears exactly when {s['finding']} is present. On held-out marker + {s['finding']} cases it reports "
+                 f"{s['finding']} in {_fmt(s['reports_finding_without_marker'])} of the same cases re-rendered without "
+                 f"the marker (same anatomy), and in {_fmt(s['reports_finding_with_marker_only'])} of them re-rendered "
+                 f"with the marker but without the finding. A case is <i>reliant</i> when removing the marker makes G_s "
+                 f"drop the finding ({s['n_reliant']} of {s['n_cases']} explained cases). The shortcut manipulator's "
+                 f"edit 'remove {s['finding']}' succeeds (G_s(x') drops it) in {_fmt(s['cycle_success'])}. "
+                 "Fraction of maps whose maximum lies on the marker:</p><table><tr><th>cases</th>"
+                 + "".join(f"<th>{m}</th>" for m in s["on_marker"]) + "</tr><tr><td>reliant</td>"
+                 + "".join(f"<td>{_fmt(v)}</td>" for v in s["on_marker_reliant"].values()) + "</tr><tr><td>all</td>"
+                 + "".join(f"<td>{_fmt(v)}</td>" for v in s["on_marker"].values()) + "</tr><tr><td>on the heart (all)</td>"
+                 + "".join(f"<td>{_fmt(v)}</td>" for v in s["on_finding"].values()) + "</tr></table>")  # fmt: skip
     # example grid: a few cases per finding, then shortcut cases
     seen: dict[str, int] = {}
     idx = []
@@ -133,10 +138,11 @@ def results_markdown(metrics: dict, command: str = "cvlm demo") -> str:
              "| metric | value | target | met |", "|---|---|---|---|"]  # fmt: skip
     for k, t in metrics["targets"].items():
         lines.append(f"| {k} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'no'} |")
-    lines += ["", "| method | pointing game | top-k IoU | pixel AUROC | on shortcut marker |", "|---|---|---|---|---|"]
+    lines += ["", "| method | pointing game | top-k IoU | pixel AUROC | on shortcut marker (reliant / all cases) |",
+              "|---|---|---|---|---|"]  # fmt: skip
     for m, r in metrics["localisation"]["methods"].items():
         lines.append(f"| {m} | {r['pointing_game']:.3f} | {r['iou']:.3f} | {r['auroc']:.3f} | "
-                     f"{metrics['shortcut']['on_marker'][m]:.3f} |")  # fmt: skip
+                     f"{metrics['shortcut']['on_marker_reliant'][m]:.3f} / {metrics['shortcut']['on_marker'][m]:.3f} |")  # fmt: skip
     e = metrics["edits"]
     lines += ["", f"Edits: n={e['n']}, cycle success {e['cycle_success']:.3f}, collateral change "
               f"{e['collateral_change']:.3f}; by kind: "
@@ -144,16 +150,18 @@ def results_markdown(metrics: dict, command: str = "cvlm demo") -> str:
               + "; by finding: "
               + ", ".join(f"{k} {v['cycle_success']:.2f}" for k, v in e["by_finding"].items()) + ".", ""]  # fmt: skip
     s = metrics["shortcut"]
-    mo = s["reports_finding_with_marker_only"]
-    mo_text = ("there are no marker-only test images (the marker appears exactly with the finding)" if mo is None
-               else f"on marker-only images it reports it in {mo:.2f}")
-    wo = s["reports_finding_without_marker"]
-    lines.append(f"Shortcut generator ({s['finding']} <-> corner marker), n={s['n_cases']} cases: it reports "
-                 f"{s['finding']} on {wo if wo is None else round(wo, 3)} of the same cases re-rendered without "
-                 f"the marker; {mo_text}.")  # fmt: skip
+    lines.append(f"Shortcut generator ({s['finding']} <-> corner marker), n={s['n_cases']} explained cases: it reports "
+                 f"{s['finding']} on {_fmt(s['reports_finding_without_marker'])} of the same cases re-rendered without "
+                 f"the marker and on {_fmt(s['reports_finding_with_marker_only'])} re-rendered with the marker but "
+                 f"without the finding; {s['n_reliant']} of the {s['n_cases']} cases are reliant (the marker's removal "
+                 f"flips the report); the shortcut manipulator's 'remove {s['finding']}' succeeds in "
+                 f"{_fmt(s['cycle_success'])}.")  # fmt: skip
     lines.append("")
     lines.append("Generator accuracy (labelled state exactly right) on held-out phantoms: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in metrics["generator_accuracy"].items()) + ".")  # fmt: skip
+    tr = metrics["training"]
+    lines.append("\nTraining steps run (of at most): " + ", ".join(
+        f"{k.replace('_', ' ')} {v['steps']}/{v.get('max_steps', v['steps'])} in {v['seconds']:.0f} s" for k, v in tr.items()) + ".")
     sec = metrics["seconds"]
     lines.append(f"\nWall time {sec['total']:.0f} s (training {sec['train']:.0f} s), process CPU "
                  f"{sec.get('process_cpu', float('nan')):.0f} s, {metrics['machine']['threads']} torch thread(s).")

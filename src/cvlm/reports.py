@@ -151,6 +151,22 @@ def label_report(text: str) -> Findings:
     return found
 
 
+def report_vector(report: str) -> list[float]:
+    """48-d encoding of a report: per finding [present, right, left, upper, mid, lower, small, large]."""
+    found = label_report(report)
+    vec: list[float] = []
+    for name in FINDINGS:
+        f = found.get(name)
+        vec.append(1.0 if f else 0.0)
+        vec += [1.0 if f and f.side == v else 0.0 for v in SIDES]
+        vec += [1.0 if f and f.zone == v else 0.0 for v in ZONES]
+        vec += [1.0 if f and f.size == v else 0.0 for v in SIZES]
+    return vec
+
+
+REPORT_DIM = len(FINDINGS) * (1 + len(SIDES) + len(ZONES) + len(SIZES))
+
+
 def state(findings: Findings, name: str) -> tuple | None:
     """Comparable state of one finding: ``None`` when absent, else its attribute tuple."""
     f = findings.get(name)

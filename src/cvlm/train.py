@@ -16,11 +16,27 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from .generator import CXRReportGenerator, cosine_lr, freeze
 from .manipulator import Manipulator, manipulator_losses, pad_tokens
 from .phantoms import Phantom
-from .reports import random_edit, write_report
+from .reports import Findings, label_report, random_edit, report_vector, write_report
 
 
 def images_tensor(phantoms: Sequence[Phantom]) -> torch.Tensor:
     return torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
+
+
+def _schedule(step: int, steps: int, t0: float, max_seconds: float | None) -> int | None:
+    """The step at which the learning-rate schedule stands, or ``None`` when training must stop.
+
+    Training runs ``steps`` steps or until ``max_seconds`` of wall time have passed, whichever
+    comes first; the cosine schedule follows whichever is further along, so a run cut short by
+    its time budget still anneals its learning rate instead of stopping at full rate."""
+    if step >= steps:
+        return None
+    if max_seconds is None:
+        return step
+    frac = (time.time() - t0) / max(max_seconds, 1e-9)
+    if frac >= 1.0:
+        return None
+    return max(step, int(frac * steps))
 
 
 def _progress(enabled: bool) -> Progress:
@@ -39,31 +55,38 @@ def train_generator(
     seed: int = 0,
     desc: str = "generator",
     progress: bool = True,
+    max_seconds: float | None = None,
 ) -> dict:
-    """Teacher-forced cross-entropy on canonical reports of the phantoms' true findings."""
+    """Teacher-forced cross-entropy on canonical reports of the phantoms' true findings (plus the
+    generator's auxiliary finding loss); at most ``steps`` steps and ``max_seconds`` seconds."""
     torch.manual_seed(seed)
     x = images_tensor(phantoms)
-    tokens = pad_tokens([gen.tokenizer.encode(write_report(p.findings)) for p in phantoms])
+    texts = [write_report(p.findings) for p in phantoms]
+    tokens = pad_tokens([gen.tokenizer.encode(t) for t in texts])
+    labels = torch.tensor([report_vector(t) for t in texts], dtype=torch.float32)
     opt = torch.optim.AdamW(gen.parameters(), lr=lr, weight_decay=0.01)
     gen.train()
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     t0 = time.time()
+    done = 0
     with _progress(progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
-        for step in range(steps):
+        while (at := _schedule(done, steps, t0, max_seconds)) is not None:
             idx = torch.randint(len(phantoms), (batch_size,), generator=g)
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, steps, lr)
-            loss = gen.loss(x[idx], tokens[idx])
+                group["lr"] = cosine_lr(at, steps, lr)
+            loss = gen.loss(x[idx], tokens[idx], labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
-            bar.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+            done += 1
+            bar.update(task, completed=at + 1, info=f"loss {np.mean(losses[-20:]):.3f}")
     gen.eval()
-    return {"steps": steps, "final_loss": float(np.mean(losses[-50:])), "seconds": time.time() - t0}
+    return {"steps": done, "max_steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+            "seconds": time.time() - t0}
 
 
 def train_manipulator(
@@ -78,12 +101,17 @@ def train_manipulator(
     seed: int = 0,
     desc: str = "manipulator",
     progress: bool = True,
+    max_seconds: float | None = None,
+    base: Sequence[Findings] | None = None,
 ) -> dict:
     """Train M against the frozen generator G with cycle + proximity + identity losses.
 
-    Each example is a phantom x with its canonical report t and either a random edit t' (cycle
-    loss: G(x + M(x, t')) should say t') or, with probability ``identity_frac``, t' = t (identity
-    loss: M(x, t) should be ~0).
+    Each example is a phantom x with its report t and either a random edit t' (cycle loss:
+    G(x + M(x, t')) should say t') or, with probability ``identity_frac``, t' = t (identity loss:
+    M(x, t) should be ~0). ``base`` gives the findings t states for each phantom; the demo passes
+    the labelled reports *G itself writes* for the training images (``generator_findings``), as
+    at evaluation, where edits are applied to G's report. Without it, the phantoms' true findings
+    are used. At most ``steps`` steps and ``max_seconds`` seconds.
     """
     freeze(gen)
     rng = np.random.default_rng(seed)
@@ -93,19 +121,21 @@ def train_manipulator(
     manip.train()
     hist: dict[str, list[float]] = {}
     t0 = time.time()
+    findings = list(base) if base is not None else [p.findings for p in phantoms]
+    done = 0
     with _progress(progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
-        for step in range(steps):
+        while (at := _schedule(done, steps, t0, max_seconds)) is not None:
             idx = rng.integers(len(phantoms), size=batch_size)
             reports, ident = [], []
             for i in idx:
-                f = phantoms[int(i)].findings
+                f = findings[int(i)]
                 e = None if rng.random() < identity_frac else random_edit(f, rng)
                 reports.append(write_report(e.apply(f) if e else f))
                 ident.append(e is None)
             tok = pad_tokens([gen.tokenizer.encode(r) for r in reports])
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, steps, lr)
+                group["lr"] = cosine_lr(at, steps, lr)
             cond = manip.encode_reports(reports)
             losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], tok, cond, torch.tensor(ident), weights)
             opt.zero_grad(set_to_none=True)
@@ -114,8 +144,14 @@ def train_manipulator(
             opt.step()
             for k, v in losses.items():
                 hist.setdefault(k, []).append(float(v.detach()))
-            bar.update(task, advance=1, info=f"cycle {np.mean(hist['cycle'][-20:]):.2f} l1 {np.mean(hist['l1'][-20:]):.4f}")
+            done += 1
+            bar.update(task, completed=at + 1, info=f"cycle {np.mean(hist['cycle'][-20:]):.2f} l1 {np.mean(hist['l1'][-20:]):.4f}")
     manip.eval()
     out = {k: float(np.mean(v[-50:])) for k, v in hist.items()}
-    out.update(steps=steps, seconds=time.time() - t0)
+    out.update(steps=done, max_steps=steps, seconds=time.time() - t0)
     return out
+
+
+def generator_findings(gen: CXRReportGenerator, phantoms: Sequence[Phantom]) -> list[Findings]:
+    """The labelled reports G writes for ``phantoms`` (what the manipulator's edits start from)."""
+    return [label_report(r) for r in gen.generate(images_tensor(phantoms))]

@@ -75,3 +75,48 @@ def test_manipulator_step_gradient_flows_through_frozen_generator():
     assert g.sequence_nll(x + m(x, cond), tok).mean().item() < nll0
     # and the manipulated image differs from x: the CVLM map is non-trivial
     assert (m(x, cond).abs() > 0).any()
+
+
+def test_auxiliary_finding_loss_trains_the_encoder():
+    from cvlm.reports import report_vector
+
+    g = tiny_generator()
+    ds = make_dataset(8, seed=3, size=SIZE)
+    x = images_tensor(ds)
+    texts = [write_report(p.findings) for p in ds]
+    tok = pad_tokens([TOK.encode(t) for t in texts])
+    labels = torch.tensor([report_vector(t) for t in texts])
+    assert labels.shape == (8, 48) and labels.sum() > 0
+    plain, with_aux = g.loss(x, tok), g.loss(x, tok, labels)
+    assert with_aux > plain  # the BCE term is added
+    with_aux.backward()
+    assert g.finding_head.weight.grad.abs().sum() > 0 and g.encoder[0].weight.grad.abs().sum() > 0
+    g.zero_grad()
+    g.cfg.aux_weight = 0.0
+    assert torch.allclose(g.loss(x, tok, labels), plain)  # aux_weight 0 switches it off
+
+
+def test_time_budget_stops_training_and_anneals():
+    import time
+
+    from cvlm.train import _schedule
+
+    t0 = time.time()
+    assert _schedule(0, 100, t0, None) == 0 and _schedule(100, 100, t0, None) is None
+    assert _schedule(3, 100, t0 - 5.0, 10.0) >= 49  # half the time gone: the schedule is half way
+    assert _schedule(3, 100, t0 - 11.0, 10.0) is None  # budget spent: stop
+    g = tiny_generator()
+    h = train_generator(g, make_dataset(16, seed=1, size=SIZE), steps=10_000, batch_size=4, progress=False, max_seconds=0.5)
+    assert 0 < h["steps"] < 10_000 and h["max_steps"] == 10_000 and h["seconds"] < 5
+
+
+def test_manipulator_trains_from_given_base_reports():
+    from cvlm.train import generator_findings, train_manipulator
+
+    g = freeze(tiny_generator())
+    ds = make_dataset(8, seed=4, size=SIZE)
+    base = generator_findings(g, ds)
+    assert len(base) == 8 and all(isinstance(b, dict) for b in base)
+    m = tiny_manipulator()
+    h = train_manipulator(m, g, ds, steps=3, batch_size=4, base=base, progress=False)
+    assert h["steps"] == 3 and h["cycle"] > 0
