@@ -3,6 +3,7 @@ and vs a plain LoRA step over the same tokens.
 
     python benchmarks/meta_step.py            # SmolLM2-135M, n=4 tasks, r=8 all-linear, S=1
     python benchmarks/meta_step.py --quick    # 5 timed reps instead of 7
+    python benchmarks/meta_step.py --device cuda   # on a lent GPU
 
 Setup (the same for every variant): SmolLM2-135M-Instruct (``mtlora.models.load_model()``), LoRA r=8,
 alpha=16, dropout 0.05 on every linear layer but the LM head; n = 4 built-in tasks (sst2, copa,
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a lent GPU)")
     args = parser.parse_args()
     reps = 5 if args.quick else args.reps
     if args.threads:
@@ -64,7 +66,8 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     inject_adapters(model, make_adapter_config("lora", r=8, alpha=16, dropout=0.05, target_modules="all-linear"))
-    model.train()
+    device = torch.device(args.device)
+    model.to(device).train()
     theta = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(theta, lr=1e-4)
     meta = MetaConfig(tasks_per_iter=len(TASKS), inner_steps=1, inner_lr=1e-2, aggregation="mean")
@@ -74,11 +77,15 @@ def main() -> None:
     for task in TASKS:
         exs = load_task(task, "train", 2 * args.rows)
         groups.append((exs[: args.rows], exs[args.rows:]))
-    support = collate_slots(collator, [s for s, _ in groups])
-    query = collate_slots(collator, [q for _, q in groups])
-    episodes = [(collator(s), collator(q)) for s, q in groups]
-    loop_episodes = [(collate_slots(collator, [s]), collate_slots(collator, [q])) for s, q in groups]
-    union = collator([ex for s, q in groups for ex in (*s, *q)])
+
+    def on(batch: dict) -> dict:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    support = on(collate_slots(collator, [s for s, _ in groups]))
+    query = on(collate_slots(collator, [q for _, q in groups]))
+    episodes = [(on(collator(s)), on(collator(q))) for s, q in groups]
+    loop_episodes = [(on(collate_slots(collator, [s])), on(collate_slots(collator, [q]))) for s, q in groups]
+    union = on(collator([ex for s, q in groups for ex in (*s, *q)]))
     assert support["input_ids"].shape[1] == query["input_ids"].shape[1] == union["input_ids"].shape[1] == args.seq
     answer_tokens = int((union["labels"] != -100).sum())
 
@@ -108,9 +115,13 @@ def main() -> None:
     variants = {"batched": batched, "sequential": sequential, "loop": loop, "lora": lora}
 
     def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for name, fn in variants.items():  # warm-up
@@ -126,7 +137,7 @@ def main() -> None:
     print(f"MeTA-LoRA meta-iteration on {args.model}: n={len(TASKS)} tasks ({', '.join(TASKS)}), "
           f"{args.rows} support + {args.rows} query rows per task x {args.seq} tokens "
           f"({answer_tokens} answer tokens in all), S=1, first order, LoRA r=8 all-linear ({n_train:,} trainable), "
-          f"{reps} interleaved reps, {torch.get_num_threads()} threads")
+          f"{reps} interleaved reps, device {device}, {torch.get_num_threads()} threads")
     print(f"{'variant':<11} {'median s':>10} {'min s':>10} {'max s':>10}")
     for name in variants:
         print(f"{name:<11} {med[name]:>10.3f} {min(times[name]):>10.3f} {max(times[name]):>10.3f}")

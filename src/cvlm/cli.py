@@ -87,7 +87,7 @@ def explain(
     e = parse_edit(edit, before)
     t_new = write_report(e.apply(before))
     with torch.no_grad():
-        x_new = manip.manipulate(x, [t_new])
+        x_new = manip.manipulate(x, [t_new], [t])
     t_regen = gen.generate(x_new)[0]
     delta = (x_new - x)[0, 0].numpy()
     save_png(out / "manipulated.png", np.clip(x_new[0, 0].numpy(), 0, 1), scale=4)

@@ -62,6 +62,10 @@ class GeneratorConfig:
     # training signal only (generation and log-likelihood never use the head); it makes the encoder
     # learn the small findings (nodule, pneumothorax, opacity) within the CPU budget.
     aux_weight: float = 1.0
+    # border handling of the encoder's convolutions: "zeros" makes the image frame an artificial
+    # edge that G becomes sensitive to (and a manipulator then edits the frame instead of the
+    # finding); "replicate" treats the frame like the pixels next to it
+    padding_mode: str = "replicate"
 
 
 class CXRReportGenerator(nn.Module):
@@ -77,8 +81,9 @@ class CXRReportGenerator(nn.Module):
         chans += [chans[-1]] * (n_down + 1 - len(chans))
         layers: list[nn.Module] = []
         for i in range(n_down):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1), nn.GroupNorm(8, chans[i + 1]), nn.GELU()]
-        layers += [nn.Conv2d(chans[-1], cfg.d_model, 3, padding=1), nn.GELU()]
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1, padding_mode=cfg.padding_mode),
+                       nn.GroupNorm(8, chans[i + 1]), nn.GELU()]  # fmt: skip
+        layers += [nn.Conv2d(chans[-1], cfg.d_model, 3, padding=1, padding_mode=cfg.padding_mode), nn.GELU()]
         self.encoder = nn.Sequential(*layers)
         grid = cfg.image_size // 2**n_down
         self.pos_img = nn.Parameter(torch.randn(grid * grid, cfg.d_model) * 0.02)
@@ -143,10 +148,13 @@ class CXRReportGenerator(nn.Module):
         """Auxiliary head: (B, 48) finding-vector logits from the pooled encoder grid."""
         return self.finding_head(torch.cat([feats.mean((2, 3)), feats.amax((2, 3))], 1))
 
-    def sequence_nll(self, images: Tensor, tokens: Tensor) -> Tensor:
+    def sequence_nll(self, images: Tensor, tokens: Tensor, margin: float = 0.0) -> Tensor:
         """Summed token NLL per sequence (B,), used as the cycle loss so that the few tokens an
-        edit changes are not diluted by the many it keeps."""
-        return -self.token_logprobs(self.encode(images), tokens).sum(1)
+        edit changes are not diluted by the many it keeps. With ``margin`` > 0 each token counts
+        only beyond ``margin`` nats (a hinge): a token G already predicts confidently adds nothing,
+        so the manipulator gains nothing from making G more confident of what it already says."""
+        nll = -self.token_logprobs(self.encode(images), tokens)
+        return (F.relu(nll - margin) if margin > 0 else nll).sum(1)
 
     @torch.no_grad()
     def generate(self, images: Tensor, batch_size: int = 128) -> list[str]:

@@ -31,9 +31,15 @@ class ManipulatorConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     d_text: int = 64
     max_len: int = 72
+    # condition on the change as well: [v(t'), v(t') - v(t)] with t the generator's current report
+    # of x (known whenever an edit is explained), so "what to change" is explicit and t' = t reads
+    # as "change nothing"; False = v(t') only (the first design)
+    condition_on_change: bool = True
 
 
-DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0}
+# "margin": per-token hinge of the cycle loss in nats (``CXRReportGenerator.sequence_nll``)
+# "common": penalty on the part of |delta| shared by the batch's different edits (see below)
+DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0, "margin": 0.0, "common": 0.0}
 
 
 
@@ -41,9 +47,9 @@ DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0}
 class TextEncoder(nn.Module):
     """Report vector (labeller) -> MLP -> conditioning vector."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, n_in: int = REPORT_DIM):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(REPORT_DIM, d), nn.GELU(), nn.Linear(d, d), nn.GELU())
+        self.mlp = nn.Sequential(nn.Linear(n_in, d), nn.GELU(), nn.Linear(d, d), nn.GELU())
 
     def forward(self, cond: Tensor) -> Tensor:
         return self.mlp(cond)
@@ -74,7 +80,7 @@ class Manipulator(nn.Module):
         self.cfg = cfg = cfg or ManipulatorConfig()
         c1, c2, c3 = cfg.channels
         d = cfg.d_text
-        self.text = TextEncoder(d)
+        self.text = TextEncoder(d, REPORT_DIM * (2 if cfg.condition_on_change else 1))
         self.e1 = FiLMBlock(3, c1, d, stride=2)  # 1/2
         self.e2 = FiLMBlock(c1, c2, d, stride=2)  # 1/4
         self.e3 = FiLMBlock(c2, c3, d, stride=2)  # 1/8
@@ -87,8 +93,7 @@ class Manipulator(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, images: Tensor, cond: Tensor) -> Tensor:
-        """The residual delta (B, 1, H, W) for images (B, 1, H, W) and edited-report vectors (B, 48)
-        from ``encode_reports``."""
+        """The residual delta (B, 1, H, W) for images (B, 1, H, W) and conditions from ``encode_reports``."""
         B, _, H, W = images.shape
         c = self.text(cond)
         ys = torch.linspace(-1, 1, H, device=images.device).view(1, 1, H, 1).expand(B, 1, H, W)
@@ -101,13 +106,19 @@ class Manipulator(nn.Module):
         delta = F.interpolate(self.out(u1), size=(H, W), mode="bilinear")
         return torch.tanh(delta)
 
-    @staticmethod
-    def encode_reports(reports: list[str]) -> Tensor:
-        return torch.tensor([report_vector(r) for r in reports], dtype=torch.float32)
+    def encode_reports(self, reports: list[str], base: list[str] | None = None) -> Tensor:
+        """M's condition for edited reports t' (``reports``) of images whose current reports are
+        ``base`` (required when ``condition_on_change``)."""
+        v = torch.tensor([report_vector(r) for r in reports], dtype=torch.float32)
+        if not self.cfg.condition_on_change:
+            return v
+        if base is None or len(base) != len(reports):
+            raise ValueError("this manipulator is conditioned on the edit: pass the current reports t as base")
+        return torch.cat([v, v - torch.tensor([report_vector(r) for r in base], dtype=torch.float32)], 1)
 
-    def manipulate(self, images: Tensor, reports: list[str]) -> Tensor:
-        """x' = x + M(x, t') for report strings."""
-        return images + self(images, self.encode_reports(reports).to(images.device))
+    def manipulate(self, images: Tensor, reports: list[str], base: list[str] | None = None) -> Tensor:
+        """x' = x + M(x, t') for edited report strings t' of images whose current reports are ``base``."""
+        return images + self(images, self.encode_reports(reports, base).to(images.device))
 
     def state(self) -> dict:
         return {"kind": "Manipulator", "config": asdict(self.cfg), "vocab": self.tokenizer.itos,
@@ -156,14 +167,23 @@ def manipulator_losses(
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     delta = manip(images, cond)
     x_new = images + delta
-    cycle = gen.sequence_nll(x_new, tokens)  # (B,)  gradient flows through frozen G into x'
+    cycle = gen.sequence_nll(x_new, tokens, w["margin"]) if w["margin"] > 0 else gen.sequence_nll(x_new, tokens)  # (B,)  gradient flows through frozen G into x'
     l1 = delta.abs().flatten(1).mean(1)
     tv = total_variation(delta)
     ident = identity.float()
+    # common-mode penalty: |delta| weighted by the batch's mean |delta| (detached, normalised to
+    # mean 1). Different images with different edits should change different places, so a
+    # pattern every edit shares (an image-frame band, a global shift: changes that move G without
+    # being about any finding) is what it taxes; an edit's own local change is barely touched.
+    a = delta.abs().flatten(1)
+    u = a[~identity].mean(0).detach() if bool((~identity).any()) else a.mean(0).detach()
+    common = (a * (u / u.mean().clamp_min(1e-8))).mean(1)
     total = (
         w["cycle"] * cycle.mean()
         + w["l1"] * l1.mean()
         + w["tv"] * tv.mean()
         + w["identity"] * (l1 * ident).sum() / ident.sum().clamp_min(1)
+        + w["common"] * common.mean()
     )
-    return {"total": total, "cycle": cycle.mean().detach(), "l1": l1.mean().detach(), "tv": tv.mean().detach()}
+    return {"total": total, "cycle": cycle.mean().detach(), "l1": l1.mean().detach(), "tv": tv.mean().detach(),
+            "common": common.mean().detach()}

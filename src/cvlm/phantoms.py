@@ -241,12 +241,18 @@ def render(
     lungs = np.roll(lungs, (int(dy), int(dx)), axis=(0, 1))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
 
-    # body, mediastinum, lungs with vascular markings, ribs
-    body = ((xx - w / 2) / (0.47 * w)) ** 2 + ((yy - 0.58 * h) / (0.62 * h)) ** 2 < 1
-    img = np.where(body, 0.42, 0.05).astype(np.float32)
+    # body, mediastinum, lungs with vascular markings, ribs. The body outline, the mediastinum and
+    # the heart vary between patients: with one fixed outline, any change there was something the
+    # generator had never seen, and a manipulator could move the generator by editing the frame
+    # of the body instead of a finding.
+    shape = rng.uniform(-1, 1, size=8)
+    bx, by = w / 2 + 0.02 * w * shape[0], 0.58 * h * (1 + 0.04 * shape[1])
+    brx, bry = 0.47 * w * (1 + 0.05 * shape[2]), 0.62 * h * (1 + 0.05 * shape[3])
+    body = ((xx - bx) / brx) ** 2 + ((yy - by) / bry) ** 2 < 1
+    img = np.where(body, 0.42 * (1 + 0.08 * shape[4]), 0.05 + 0.02 * shape[5]).astype(np.float32)
     img += 0.05 * _smooth_noise(rng, h, w, max(4, int(24 * s))).astype(np.float32) * body
-    medi = (np.abs(xx - w / 2 - dx) < 0.09 * w) & body
-    img[medi] = 0.55
+    medi = (np.abs(xx - w / 2 - dx) < 0.09 * w * (1 + 0.2 * shape[6])) & body
+    img[medi] = 0.55 * (1 + 0.05 * shape[7])
     texture = 0.035 * _smooth_noise(rng, h, w, max(2, int(4 * s)))
     lung_val = 0.14 + texture
     img = np.where(lungs, lung_val, img).astype(np.float32)
@@ -260,7 +266,7 @@ def render(
 
     # heart
     hy, hx = 0.66 * h + dy, 0.54 * w + dx
-    ry, rx = 0.12 * h, 0.15 * w
+    ry, rx = 0.12 * h * (1 + 0.06 * shape[3]), 0.15 * w * (1 + 0.06 * shape[2])  # scales with the body
     masks: dict[str, np.ndarray] = {}
     if "cardiomegaly" in findings:
         ry, rx = ry * 1.3, rx * 1.45

@@ -106,7 +106,8 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int) -> tuple[dict, li
     """One random edit per held-out phantom (edit kinds uniform): cycle success and collateral."""
     rng = np.random.default_rng(seed)
     x = images_tensor(test)
-    before = _labels(gen.generate(x))
+    t_old = gen.generate(x)
+    before = _labels(t_old)
     edits: list[Edit] = []
     for f in before:
         e = random_edit(f, rng)
@@ -114,7 +115,7 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int) -> tuple[dict, li
         edits.append(e)
     t_new = [write_report(e.apply(f)) for e, f in zip(edits, before, strict=True)]
     with torch.no_grad():
-        x_new = manip.manipulate(x, t_new)
+        x_new = manip.manipulate(x, t_new, t_old)
     after = _labels(gen.generate(x_new))
     rows = []
     for i, (e, b, a) in enumerate(zip(edits, before, after, strict=True)):
@@ -162,7 +163,7 @@ def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, st
         t = gen.generate(x)
         t_new = [write_report(Edit("remove", label_report(r)[n], n).apply(label_report(r))) for r, (_, n) in
                  zip(t, chunk, strict=True)]  # fmt: skip
-        x_new, m = cvlm_map(manip, x, t_new)
+        x_new, m = cvlm_map(manip, x, t_new, t)
         maps["cvlm"].append(m.numpy())
         for name, bm in baseline_maps(gen, x, t, t_new).items():
             maps[name].append(bm.detach().numpy())

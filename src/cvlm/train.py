@@ -127,16 +127,17 @@ def train_manipulator(
         task = bar.add_task(desc, total=steps, info="")
         while (at := _schedule(done, steps, t0, max_seconds)) is not None:
             idx = rng.integers(len(phantoms), size=batch_size)
-            reports, ident = [], []
+            reports, base_reports, ident = [], [], []
             for i in idx:
                 f = findings[int(i)]
                 e = None if rng.random() < identity_frac else random_edit(f, rng)
                 reports.append(write_report(e.apply(f) if e else f))
+                base_reports.append(write_report(f))
                 ident.append(e is None)
             tok = pad_tokens([gen.tokenizer.encode(r) for r in reports])
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(at, steps, lr)
-            cond = manip.encode_reports(reports)
+            cond = manip.encode_reports(reports, base_reports)
             losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], tok, cond, torch.tensor(ident), weights)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()

@@ -57,8 +57,9 @@ def test_manipulator_step_gradient_flows_through_frozen_generator():
     x = images_tensor(ds)
     report = "The heart is enlarged. No pleural effusion."
     tok = pad_tokens([TOK.encode(report)] * 6)
-    cond = m.encode_reports([report] * 6)
-    assert cond.shape == (6, 48) and cond[0, 0] == 1  # cardiomegaly present
+    cond = m.encode_reports([report] * 6, ["The heart is normal in size. No pleural effusion."] * 6)
+    assert cond.shape == (6, 96) and cond[0, 0] == 1  # cardiomegaly present in t'
+    assert cond[0, 48] == 1 and cond[0, 49:].abs().sum() == 0  # ... and added by the edit, nothing else changed
     d0 = m(x, cond)
     assert d0.shape == x.shape and d0.abs().max() == 0  # starts as the identity
     losses = manipulator_losses(m, g, x, tok, cond, torch.tensor([False] * 4 + [True] * 2))
