@@ -66,6 +66,11 @@ class GeneratorConfig:
     # edge that G becomes sensitive to (and a manipulator then edits the frame instead of the
     # finding); "replicate" treats the frame like the pixels next to it
     padding_mode: str = "replicate"
+    # training-time input noise (0 = off): per image, white noise of standard deviation up to
+    # ``aug_noise`` plus a smooth random field of the same amplitude. Training with input noise
+    # penalises the input gradient (Bishop 1995), so G becomes insensitive to small changes that
+    # are not findings and the cheapest way to change its report is to change the finding.
+    aug_noise: float = 0.05
 
 
 class CXRReportGenerator(nn.Module):
@@ -189,6 +194,18 @@ class CXRReportGenerator(nn.Module):
         model = cls(Tokenizer(list(state["vocab"])[len(Tokenizer.SPECIAL) :]), GeneratorConfig(**cfg))
         model.load_state_dict(state["weights"])
         return model.eval()
+
+
+def augment(images: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
+    """Images plus random white noise and a random smooth field, both of amplitude <= ``amount``."""
+    if amount <= 0:
+        return images
+    B, _, H, W = images.shape
+    a = torch.rand(B, 1, 1, 1, generator=generator) * amount
+    b = torch.rand(B, 1, 1, 1, generator=generator) * amount
+    coarse = torch.randn(B, 1, 5, 5, generator=generator)
+    field = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=True)
+    return images + a * torch.randn(images.shape, generator=generator) + b * field
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .generator import CXRReportGenerator, cosine_lr, freeze
+from .generator import CXRReportGenerator, augment, cosine_lr, freeze
 from .manipulator import Manipulator, manipulator_losses, pad_tokens
 from .phantoms import Phantom
 from .reports import Findings, label_report, random_edit, report_vector, write_report
@@ -76,7 +76,7 @@ def train_generator(
             idx = torch.randint(len(phantoms), (batch_size,), generator=g)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(at, steps, lr)
-            loss = gen.loss(x[idx], tokens[idx], labels[idx])
+            loss = gen.loss(augment(x[idx], gen.cfg.aug_noise, g), tokens[idx], labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
