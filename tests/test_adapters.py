@@ -261,3 +261,16 @@ def test_dropout_keep_mask_is_seeded_and_has_the_realised_rate():
     assert torch.equal(keep, again) and not torch.equal(keep, other)
     assert abs((~keep).float().mean().item() - 0.05) < 0.003
     assert rescale == pytest.approx(1 / (1 - 3277 / 65536))
+
+
+def test_masked_down_projection_matches_autograd_of_the_plain_formula():
+    from mtlora.adapters.lora import project_kept
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    keep = (torch.rand(2, 4, 6) > 0.3).to(torch.uint8)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    fn = lambda xx, aa: project_kept(xx, keep, aa)  # noqa: E731
+    torch.testing.assert_close(fn(x, a), torch.nn.functional.linear(x * keep, a))
+    assert torch.autograd.gradcheck(fn, (x, a))
+    assert torch.autograd.gradgradcheck(fn, (x, a))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.adapters.context import current_context
-from mtlora.adapters.lora import LoraConfig, LoraLinear, add_low_rank
+from mtlora.adapters.lora import LoraConfig, LoraLinear, add_low_rank, project_kept
 from mtlora.errors import UserError
 
 METHODS = ("hydralora", "rlora", "mlora")
@@ -222,8 +222,8 @@ class MultiHeadLoraLinear(LoraLinear):
             )
         per_head = self.per_head_dropout and self.training and self.dropout_p > 0
         # HydraLoRA: one mask on x. R-LoRA/M-LoRA: A sees x, masks come per head below.
-        x_kept, rescale = (x, 1.0) if self.per_head_dropout else self.lora_dropout.masked(x)
-        phi = self.lora_A(x_kept)  # (..., r), computed once
+        keep, rescale = (None, 1.0) if self.per_head_dropout else self.lora_dropout.keep_mask(x)
+        phi = project_kept(x, keep, self.lora_A.weight)  # (..., r), computed once
         if rescale != 1.0:
             phi = phi * rescale
         if ctx.capture is not None:
