@@ -147,9 +147,12 @@ def encode_batch(tokenizer: Tokenizer, reports: list[str], max_len: int) -> Tens
 
 
 def total_variation(delta: Tensor) -> Tensor:
-    """Mean absolute difference between neighbouring pixels, per image (B,)."""
-    dy = (delta[..., 1:, :] - delta[..., :-1, :]).abs().flatten(1).mean(1)
-    dx = (delta[..., :, 1:] - delta[..., :, :-1]).abs().flatten(1).mean(1)
+    """Mean absolute difference between neighbouring pixels, per image (B,), with delta taken as
+    zero outside the image: otherwise a band along the image frame has one edge fewer to pay for
+    and total variation itself steers the change to the frame."""
+    d = F.pad(delta, (1, 1, 1, 1))
+    dy = (d[..., 1:, :] - d[..., :-1, :]).abs().flatten(1).mean(1)
+    dx = (d[..., :, 1:] - d[..., :, :-1]).abs().flatten(1).mean(1)
     return dy + dx
 
 

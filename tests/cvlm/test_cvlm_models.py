@@ -121,3 +121,61 @@ def test_manipulator_trains_from_given_base_reports():
     m = tiny_manipulator()
     h = train_manipulator(m, g, ds, steps=3, batch_size=4, base=base, progress=False)
     assert h["steps"] == 3 and h["cycle"] > 0
+
+
+def test_input_noise_augmentation():
+    from cvlm.generator import augment
+
+    x = torch.full((4, 1, SIZE, SIZE), 0.3)
+    assert torch.equal(augment(x, 0.0), x)
+    y = augment(x, 0.05, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and not torch.equal(y, x)
+    assert (y - x).abs().mean() < 0.1  # small perturbations, not a different image
+
+
+def test_cycle_margin_ignores_confident_tokens():
+    g = freeze(tiny_generator())
+    x = images_tensor(make_dataset(2, seed=5, size=SIZE))
+    tok = pad_tokens([TOK.encode("The heart is enlarged. No pneumothorax.")] * 2)
+    full, hinged = g.sequence_nll(x, tok), g.sequence_nll(x, tok, margin=0.5)
+    assert (hinged < full).all() and (hinged >= 0).all()
+    assert torch.allclose(g.sequence_nll(x, tok, margin=1e6), torch.zeros(2))
+
+
+def test_proximity_terms_tax_the_image_frame_and_shared_patterns():
+    from cvlm.manipulator import total_variation
+
+    frame, inner = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    frame[..., 0, :] = 1.0  # a band along the top edge of the image
+    inner[..., 7, :] = 1.0  # the same band inside the image
+    # delta is zero outside the image, so the band on the frame costs at least as much as inside
+    assert total_variation(frame) >= 0.5 * total_variation(inner) > 0
+    assert total_variation(torch.ones(1, 1, 16, 16)) > 0  # a global shift is not free either
+
+    # common-mode penalty: the same change for every edit costs more than different changes
+    g = freeze(tiny_generator())
+    m = tiny_manipulator()
+    x = images_tensor(make_dataset(4, seed=6, size=SIZE))
+    tok = pad_tokens([TOK.encode("No pneumothorax.")] * 4)
+    no_ident = torch.tensor([False] * 4)
+
+    def common_of(delta):
+        m.forward = lambda images, cond: delta  # a stand-in residual
+        return manipulator_losses(m, g, x, tok, torch.zeros(4, 96), no_ident, {"common": 1.0})["common"]
+
+    shared = torch.zeros(4, 1, SIZE, SIZE)
+    shared[:, :, 2:6, 2:6] = 0.5
+    distinct = torch.zeros(4, 1, SIZE, SIZE)
+    for k in range(4):
+        distinct[k, :, 2 + 6 * k : 6 + 6 * k, 2:6] = 0.5
+    assert common_of(shared) > 2 * common_of(distinct)
+
+
+def test_manipulator_condition_needs_the_current_report():
+    import pytest
+
+    m = tiny_manipulator()
+    with pytest.raises(ValueError):
+        m.encode_reports(["No pneumothorax."])
+    same = m.encode_reports(["No pneumothorax."], ["No pneumothorax."])
+    assert same[0, 48:].abs().sum() == 0  # t' = t: "change nothing"
