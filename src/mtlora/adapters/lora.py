@@ -14,6 +14,11 @@ The layer keeps PEFT's attribute names (``base_layer``, ``lora_A``, ``lora_B``),
 ours maps onto PEFT's adapter file by a fixed prefix (see ``io.py``). Multi-head variants subclass
 ``LoraLinear`` and override ``_init_adapter`` / ``adapter_delta``; the injector, merge logic,
 trainable-parameter marking and I/O are shared.
+
+Speed (``docs/performance.md``): the two projections are small autograd functions of their own.
+``project_kept`` computes ``A (x * keep)`` but keeps only the 1-byte dropout mask for backward;
+``add_low_rank`` accumulates ``s * B phi`` into the frozen layer's output in place and forms its
+backward products in the layout CPU BLAS runs fastest for a rank-r factor.
 """
 
 from __future__ import annotations
