@@ -274,3 +274,22 @@ def test_masked_down_projection_matches_autograd_of_the_plain_formula():
     torch.testing.assert_close(fn(x, a), torch.nn.functional.linear(x * keep, a))
     assert torch.autograd.gradcheck(fn, (x, a))
     assert torch.autograd.gradgradcheck(fn, (x, a))
+
+
+@ARCHS
+def test_dropout_masks_replay_under_activation_checkpointing(arch):
+    """Recomputed blocks draw the same masks (seeded from torch's RNG), so gradients are unchanged."""
+    grads = []
+    for checkpointing in (False, True):
+        model, tok = tiny_model(arch)
+        batch = _ids(tok)
+        _lora(model, dropout=0.3)
+        _randomise_b(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(7)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
