@@ -35,6 +35,10 @@ class ManipulatorConfig:
     # of x (known whenever an edit is explained), so "what to change" is explicit and t' = t reads
     # as "change nothing"; False = v(t') only (the first design)
     condition_on_change: bool = True
+    # coordinate channels (y, x) as extra inputs: they let M place an added finding by position,
+    # but also let it paint bands along the image frame; "zeros" or "replicate" convolution padding
+    coords: bool = True
+    padding_mode: str = "zeros"
 
 
 # "margin": per-token hinge of the cycle loss in nats (``CXRReportGenerator.sequence_nll``)
@@ -58,9 +62,9 @@ class TextEncoder(nn.Module):
 class FiLMBlock(nn.Module):
     """conv -> GroupNorm -> FiLM(gamma, beta from text) -> GELU."""
 
-    def __init__(self, c_in: int, c_out: int, d_text: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, d_text: int, stride: int = 1, padding_mode: str = "zeros"):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode=padding_mode)
         self.n1 = nn.GroupNorm(8, c_out)
         self.film = nn.Linear(d_text, 2 * c_out)
         nn.init.zeros_(self.film.weight)
@@ -81,14 +85,15 @@ class Manipulator(nn.Module):
         c1, c2, c3 = cfg.channels
         d = cfg.d_text
         self.text = TextEncoder(d, REPORT_DIM * (2 if cfg.condition_on_change else 1))
-        self.e1 = FiLMBlock(3, c1, d, stride=2)  # 1/2
-        self.e2 = FiLMBlock(c1, c2, d, stride=2)  # 1/4
-        self.e3 = FiLMBlock(c2, c3, d, stride=2)  # 1/8
-        self.mid = FiLMBlock(c3, c3, d)
-        self.mid2 = FiLMBlock(c3, c3, d)
-        self.d2 = FiLMBlock(c3 + c2, c2, d)
-        self.d1 = FiLMBlock(c2 + c1, c1, d)
-        self.out = nn.Conv2d(c1, 1, 3, padding=1)
+        pm = cfg.padding_mode
+        self.e1 = FiLMBlock(3 if cfg.coords else 1, c1, d, stride=2, padding_mode=pm)  # 1/2
+        self.e2 = FiLMBlock(c1, c2, d, stride=2, padding_mode=pm)  # 1/4
+        self.e3 = FiLMBlock(c2, c3, d, stride=2, padding_mode=pm)  # 1/8
+        self.mid = FiLMBlock(c3, c3, d, padding_mode=pm)
+        self.mid2 = FiLMBlock(c3, c3, d, padding_mode=pm)
+        self.d2 = FiLMBlock(c3 + c2, c2, d, padding_mode=pm)
+        self.d1 = FiLMBlock(c2 + c1, c1, d, padding_mode=pm)
+        self.out = nn.Conv2d(c1, 1, 3, padding=1, padding_mode=pm)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -98,7 +103,8 @@ class Manipulator(nn.Module):
         c = self.text(cond)
         ys = torch.linspace(-1, 1, H, device=images.device).view(1, 1, H, 1).expand(B, 1, H, W)
         xs = torch.linspace(-1, 1, W, device=images.device).view(1, 1, 1, W).expand(B, 1, H, W)
-        h1 = self.e1(torch.cat([(images - 0.3) / 0.2, ys, xs], 1), c)
+        inp = torch.cat([(images - 0.3) / 0.2, ys, xs], 1) if self.cfg.coords else (images - 0.3) / 0.2
+        h1 = self.e1(inp, c)
         h2 = self.e2(h1, c)
         h3 = self.mid2(self.mid(self.e3(h2, c), c), c)
         u2 = self.d2(torch.cat([F.interpolate(h3, size=h2.shape[-2:], mode="bilinear"), h2], 1), c)
