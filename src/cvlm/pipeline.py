@@ -62,7 +62,7 @@ class DemoConfig:
     # (plus whatever earlier trainings left unused) is spent, and anneals its learning rate on
     # whichever comes first; metrics.json records the steps actually run.
     budget_s: float | None = 600.0
-    budget_shares: tuple[float, float, float, float] = (0.33, 0.44, 0.08, 0.15)  # gen, man, gen_s, man_s
+    budget_shares: tuple[float, float, float, float] = (0.33, 0.37, 0.1, 0.2)  # gen, man, gen_s, man_s
     gen: GeneratorConfig = field(default_factory=GeneratorConfig)
     man: ManipulatorConfig = field(default_factory=ManipulatorConfig)
 
