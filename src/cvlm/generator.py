@@ -49,7 +49,7 @@ class FeatureGenerator(ReportGenerator, Protocol):
 
 @dataclass
 class GeneratorConfig:
-    """Sizes of the default generator (the defaults train in ~2 minutes on 2 CPU cores)."""
+    """Sizes of the default generator (the demo trains it for ~3 minutes on one CPU core)."""
 
     d_model: int = 64
     n_layers: int = 2

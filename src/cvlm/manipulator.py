@@ -8,11 +8,13 @@ CPU budget of the demo (500 steps), ignored the text and learnt one edit-agnosti
 labeller encoding makes the few words an edit changes impossible to average away. The residual is predicted at half
 resolution and upsampled: a smooth, blob-like change is what an edit to a finding should look
 like, and it makes pixel-level adversarial noise (which would fool G without explaining it)
-harder to produce. The last layer starts at zero, so M starts as the identity.
+harder to produce. The last layer starts at zero, so M starts as the identity. By default the
+condition also carries the change v(t') - v(t) from the generator's current report t.
 
 Losses (DESIGN.md section 5): cycle = summed token NLL of t' under the frozen generator at x'
-(gradient flows through G into x' and M), proximity = L1 + total variation of delta, identity =
-L1 of delta when t' = t.
+(gradient flows through G into x' and M; optionally hinged per token), proximity = L1 + total
+variation of delta, identity = L1 of delta when t' = t, and an optional common-mode penalty on
+the part of |delta| that the batch's edits share (``manipulator_losses``).
 """
 
 from __future__ import annotations
