@@ -178,7 +178,7 @@ def manipulator_losses(
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     delta = manip(images, cond)
     x_new = images + delta
-    cycle = gen.sequence_nll(x_new, tokens, w["margin"]) if w["margin"] > 0 else gen.sequence_nll(x_new, tokens)  # (B,)  gradient flows through frozen G into x'
+    cycle = gen.sequence_nll(x_new, tokens, w["margin"])  # (B,)  gradient flows through frozen G into x'
     l1 = delta.abs().flatten(1).mean(1)
     tv = total_variation(delta)
     ident = identity.float()
