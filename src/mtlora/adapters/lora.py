@@ -88,9 +88,9 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
     The adapter's dropout runs on the full ``d_in``-wide input of every adapted layer (210 masks per
     SmolLM2 step), so drawing the mask is a visible share of a CPU training step. On CPU we draw
-    16 random bits per element with numpy's SFC64 (4 elements per 64-bit draw; ~2.5x faster than
-    ``torch.rand``, which spends a full float per element) and keep the element when its bits are
-    at or above ``round(p * 65536)``: an exact Bernoulli draw with ``p`` realised to 1/65536
+    16 random bits per element with numpy's SFC64 (4 elements per 64-bit draw; 3.7x faster than
+    ``torch.rand(...) >= p``, which spends a full float per element: ``benchmarks/adapter_kernels.py``)
+    and keep the element when its bits are at or above ``round(p * 65536)``: an exact Bernoulli draw with ``p`` realised to 1/65536
     (0.05 -> 0.0500031), rescaled by that realised rate. The SFC64 seed is drawn from torch's
     generator, so ``torch.manual_seed`` fixes the masks, checkpoints restore them (the trainer saves
     torch's RNG state) and activation checkpointing replays them. Elsewhere ``torch.rand`` is used.
@@ -171,7 +171,7 @@ class _LowRankUp(torch.autograd.Function):
     The same maths as ``base + s * F.linear(z, B)``, arranged for speed (``benchmarks/train_step.py``):
     the GEMM accumulates into ``base`` in place (``addmm_``; ``base`` is the frozen layer's fresh
     output, which nothing else keeps) and the backward forms its two thin products as
-    ``(B.T @ g.T).T`` and ``(z.T @ g).T``: a k-row GEMM that CPU BLAS runs 2.5-3.5x faster than the
+    ``(B.T @ g.T).T`` and ``(z.T @ g).T``: a k-row GEMM that CPU BLAS runs ~3x faster than the
     k-column ``g @ B`` / ``g.T @ z`` autograd would issue (1024 tokens, k = 8, d_out = 1536).
     """
 

@@ -1,0 +1,68 @@
+"""The two CPU kernels behind the LoRA step's speed, timed against what autograd / torch would do.
+
+    python benchmarks/adapter_kernels.py          # 1024 tokens, r = 8, d_out 576 and 1536
+
+- backward of the up-projection ``z @ B.T`` (z: tokens x r, B: d_out x r), both products:
+  autograd's ``g @ B`` and ``g.T @ z`` vs ours ``(B.T @ g.T).T`` and ``(z.T @ g).T`` (``_LowRankUp``)
+- a dropout keep mask for a 1024 x 1536 input: ``torch.rand_like(x) >= p`` vs ``dropout_keep_mask``
+  (16 SFC64 bits per element), and applying it: ``x * keep`` with a bool vs a uint8 mask
+
+Median of 50 calls each, interleaved. Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
+"mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...}`` (below 1 = ours faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mtlora.adapters.lora import dropout_keep_mask
+
+
+def median_ms(fns: dict, reps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result: dict = {"up_backward_ours_over_autograd": {}}
+    for d_out in (576, 1536):
+        g, z, b = torch.randn(args.tokens, d_out), torch.randn(args.tokens, args.r), torch.randn(d_out, args.r)
+        ms = median_ms({
+            "autograd": lambda g=g, z=z, b=b: (g @ b, g.t() @ z),
+            "ours": lambda g=g, z=z, b=b: ((b.t().contiguous() @ g.t()).t(), (z.t() @ g).t()),
+        }, args.reps)
+        print(f"up-projection backward, d_out {d_out}: autograd {ms['autograd']:.3f} ms, ours {ms['ours']:.3f} ms")
+        result["up_backward_ours_over_autograd"][str(d_out)] = round(ms["ours"] / ms["autograd"], 3)
+    x = torch.randn(args.tokens, 1536)
+    ms = median_ms({"torch_rand": lambda: torch.rand_like(x) >= 0.05, "ours": lambda: dropout_keep_mask(x, 0.05)},
+                   args.reps)
+    print(f"keep mask {args.tokens} x 1536: torch.rand {ms['torch_rand']:.3f} ms, ours {ms['ours']:.3f} ms "
+          f"({torch.get_num_threads()} threads)")
+    result["mask_ours_over_torch_rand"] = round(ms["ours"] / ms["torch_rand"], 3)
+    keep, _ = dropout_keep_mask(x, 0.05)
+    ms = median_ms({"bool": lambda: x * keep, "uint8": lambda: x * keep.view(torch.uint8)}, args.reps)
+    print(f"x * keep: bool {ms['bool']:.3f} ms, uint8 {ms['uint8']:.3f} ms")
+    result["apply_uint8_over_bool"] = round(ms["uint8"] / ms["bool"], 3)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
