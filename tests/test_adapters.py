@@ -276,6 +276,66 @@ def test_masked_down_projection_matches_autograd_of_the_plain_formula():
     assert torch.autograd.gradgradcheck(fn, (x, a))
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("read_phi", [False, True])
+def test_fused_lora_linear_matches_autograd_of_the_plain_formula(dropout, bias, read_phi):
+    """The one-node layer (grad_x = g (W0 + s B A) without dropout) against the textbook formula,
+    to second order (MeTA-LoRA), with and without a loss on phi (Align-LoRA)."""
+    from mtlora.adapters.lora import _FusedLoraLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    bs = (torch.randn(5, dtype=torch.float64, requires_grad=True),) if bias else ()
+    keep = (torch.rand(2, 3, 6) > 0.3).to(torch.uint8) if dropout else None
+    rescale = 1.4 if dropout else 1.0
+
+    def fused(xx, ww, aa, bb, *bias_):
+        out, phi = _FusedLoraLinear.apply(xx, keep, ww, bias_[0] if bias_ else None, aa, bb, 0.7, rescale)
+        return (out, phi) if read_phi else out
+
+    args = (x, w0, a, b, *bs)
+    kept = x if keep is None else x * keep
+    phi = torch.nn.functional.linear(kept, a) * rescale
+    plain = torch.nn.functional.linear(x, w0, bs[0] if bias else None) + 0.7 * torch.nn.functional.linear(phi, b)
+    out = fused(*args)
+    torch.testing.assert_close(out[0] if read_phi else out, plain)
+    if read_phi:
+        torch.testing.assert_close(out[1], phi)
+    assert torch.autograd.gradcheck(fused, args)
+    assert torch.autograd.gradgradcheck(fused, args)
+
+
+@ARCHS
+def test_plain_lora_layers_take_the_fused_path_and_agree_with_the_two_node_form(arch):
+    """Same logits and gradients whether a LoRA layer runs as one autograd node or two (a forward
+    hook on the frozen layer forces the two-node form, which keeps the hook's semantics)."""
+    from mtlora.adapters.lora import LoraLinear
+
+    results = []
+    for fused in (True, False):
+        model, tok = tiny_model(arch)
+        _lora(model, dropout=0.0)
+        _randomise_b(model)
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        if not fused:
+            for m in layers:
+                m.base_layer.register_forward_hook(lambda mod, inp, out: None)
+        x = torch.randn(2, 5, layers[0].in_features)
+        assert layers[0]._fusable(x) is fused
+        out = model(**_ids(tok)).logits
+        out.float().pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys() and g1
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4)
+
+
 @ARCHS
 def test_dropout_masks_replay_under_activation_checkpointing(arch):
     """Recomputed blocks draw the same masks (seeded from torch's RNG), so gradients are unchanged."""

@@ -99,7 +99,9 @@ def test_one_meta_iteration_equals_sequential_deep_copy_reference(second_order, 
     for k in b0:
         torch.testing.assert_close(b0[k], b1[k])
         torch.testing.assert_close(g_batched[k], g_ref[k], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(after_batched[k], after_ref[k], atol=1e-6, rtol=1e-5)
+        # float32 reassociation (the reference's plain LoRA layers use the fused grad_x = g (W0 + s B A))
+        # reaches the update as ~lr / eps x the gradient's rounding: ~1e-6 here
+        torch.testing.assert_close(after_batched[k], after_ref[k], atol=1e-5, rtol=1e-4)
     assert any(not torch.equal(after_batched[k], b0[k]) for k in b0)
 
 

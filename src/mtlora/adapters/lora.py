@@ -15,10 +15,12 @@ ours maps onto PEFT's adapter file by a fixed prefix (see ``io.py``). Multi-head
 ``LoraLinear`` and override ``_init_adapter`` / ``adapter_delta``; the injector, merge logic,
 trainable-parameter marking and I/O are shared.
 
-Speed (``docs/performance.md``): the two projections are small autograd functions of their own.
-``project_kept`` computes ``A (x * keep)`` but keeps only the 1-byte dropout mask for backward;
-``add_low_rank`` accumulates ``s * B phi`` into the frozen layer's output in place and forms its
-backward products in the layout CPU BLAS runs fastest for a rank-r factor.
+Speed (``docs/performance.md``): a plain LoRA layer runs as one autograd function with its frozen
+layer (``_FusedLoraLinear``: without dropout its input gradient is one GEMM against ``W0 + s B A``).
+The multi-head family uses two small functions: ``project_kept`` computes ``A (x * keep)`` but
+keeps only the 1-byte dropout mask for backward; ``add_low_rank`` accumulates ``s * B phi`` into the
+frozen layer's output in place and forms its backward products in the layout CPU BLAS runs
+fastest for a rank-r factor.
 """
 
 from __future__ import annotations
@@ -213,6 +215,71 @@ def add_low_rank(base: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: fl
     return _LowRankUp.apply(base, z, b, scale)
 
 
+class _FusedLoraLinear(torch.autograd.Function):
+    """The whole adapted layer, ``x W0.T + bias + s * phi B.T`` with ``phi = rescale * (x * keep) A.T``,
+    as one function returning ``(output, phi)`` (``phi`` is the feature Align-LoRA reads).
+
+    Why: with the frozen layer and the adapter as separate autograd nodes, backward forms the
+    adapter's share of ``grad_x`` as its own ``tokens x d_in`` product and autograd then sums it
+    with the frozen layer's: two extra full-width passes per adapted layer, which on CPU cost more
+    than the rank-8 products themselves. Here, without dropout, ``grad_x = g (W0 + s B A)``: one
+    GEMM against a weight-sized matrix, the same work as the frozen layer alone (the dense
+    ``B A`` costs ``d_out x d_in x r`` flops, a ``tokens / r`` fraction of that GEMM). With dropout
+    the adapter's share is masked and accumulated in place. ``python benchmarks/train_step.py``
+    measures the step; ``LoraLinear.forward`` falls back to the two-node form wherever this one
+    would change behaviour (hooks on the frozen layer, autocast, stacked adapters). The choice never
+    depends on ``capture``: activation checkpointing recomputes a block without the context, and
+    the recomputation must save the same tensors as the first pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, w0, bias, a, b, scale: float, rescale: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        xk = x2 if keep is None else x2 * keep.reshape(x2.shape)
+        z = xk @ a.mT
+        if rescale != 1.0:
+            z.mul_(rescale)
+        out = torch.addmm(bias, x2, w0.mT) if bias is not None else x2 @ w0.mT
+        out.addmm_(z, b.mT, alpha=scale)
+        ctx.save_for_backward(x, keep, w0, a, b, z)
+        ctx.scale, ctx.rescale = scale, rescale
+        return out.reshape(*x.shape[:-1], w0.shape[0]), z.reshape(*x.shape[:-1], a.shape[0])
+
+    @staticmethod
+    def backward(ctx, g, g_phi):
+        x, keep, w0, a, b, z = ctx.saved_tensors
+        s, rescale = ctx.scale, ctx.rescale
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        k2 = None if keep is None else keep.reshape(x2.shape)
+        grad_x = grad_a = grad_b = grad_w0 = grad_bias = None
+        need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
+        gz = None
+        if need_z:  # d loss / d ((x * keep) A.T): through the output, and through phi when a loss reads it
+            gz = (b.mT.contiguous() @ g2.mT).mT * s
+            if g_phi is not None:
+                gz = gz + g_phi.reshape(gz.shape)
+            gz = gz * rescale
+        if ctx.needs_input_grad[0]:
+            if k2 is None and g_phi is None:
+                grad_x = g2 @ torch.addmm(w0, b, a, alpha=s * rescale)
+            else:
+                share = gz @ a
+                grad_x = (g2 @ w0).add_(share if k2 is None else share * k2)
+            grad_x = grad_x.reshape(x.shape)
+        if ctx.needs_input_grad[4]:
+            grad_a = gz.mT @ (x2 if k2 is None else x2 * k2)
+        if ctx.needs_input_grad[5]:
+            if torch.is_grad_enabled():  # a second-order backward: z must be a function of x and A
+                z = ((x2 if k2 is None else x2 * k2) @ a.mT) * rescale
+            grad_b = (z.mT @ g2).mT.mul(s).contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_w0 = g2.mT @ x2
+        if ctx.needs_input_grad[3]:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_w0, grad_bias, grad_a, grad_b, None, None
+
+
 class LoraLinear(nn.Module):
     """``h = W0 x + s * B A drop(x)`` around a frozen ``nn.Linear``."""
 
@@ -245,10 +312,34 @@ class LoraLinear(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged or self.disabled:
+            return self.base_layer(x)
+        if self._fusable(x):
+            keep, rescale = self.lora_dropout.keep_mask(x)
+            out, phi = _FusedLoraLinear.apply(
+                x, keep, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                self.scaling, rescale,
+            )  # fmt: skip
+            capture = current_context().capture
+            if capture is not None:
+                capture.append((self.name, phi))
             return out
-        return self.adapter_delta(x, base=out)
+        return self.adapter_delta(x, base=self.base_layer(x))
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether ``_FusedLoraLinear`` computes exactly what the two-node form would: plain LoRA
+        (not a subclass), a stock ``nn.Linear`` without hooks, one dtype, no autocast, and no
+        per-example adapters for this layer."""
+        base = self.base_layer
+        ctx = current_context()
+        return (
+            type(self) is LoraLinear
+            and type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and x.dtype == base.weight.dtype == self.lora_A.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and (ctx.stacked is None or self.name not in ctx.stacked)
+        )
 
     def adapter_delta(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The update ``s * B A drop(x)``, added to ``base`` (the frozen layer's output) when given."""
