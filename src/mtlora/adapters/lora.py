@@ -264,8 +264,11 @@ class _FusedLoraLinear(torch.autograd.Function):
             if k2 is None and g_phi is None:
                 grad_x = g2 @ torch.addmm(w0, b, a, alpha=s * rescale)
             else:
-                share = gz @ a
-                grad_x = (g2 @ w0).add_(share if k2 is None else share * k2)
+                grad_x = g2 @ w0  # then the adapter's share, accumulated in place (one pass)
+                if k2 is None:
+                    grad_x.add_(gz @ a)
+                else:
+                    grad_x.addcmul_(gz @ a, k2)
             grad_x = grad_x.reshape(x.shape)
         if ctx.needs_input_grad[4]:
             grad_a = gz.mT @ (x2 if k2 is None else x2 * k2)
