@@ -4,11 +4,12 @@
 
 - backward of the up-projection ``z @ B.T`` (z: tokens x r, B: d_out x r), both products:
   autograd's ``g @ B`` and ``g.T @ z`` vs ours ``(B.T @ g.T).T`` and ``(z.T @ g).T`` (``_LowRankUp``)
+- forward of the down-projection ``x @ A.T`` vs ours ``(A @ x.T).T`` (``_FusedLoraLinear``)
 - a dropout keep mask for a 1024 x 1536 input: ``torch.rand_like(x) >= p`` vs ``dropout_keep_mask``
   (16 SFC64 bits per element), and applying it: ``x * keep`` with a bool vs a uint8 mask
 
 Median of 50 calls each, interleaved. Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
-"mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...}`` (below 1 = ours faster).
+"down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...}`` (below 1 = ours faster).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def main() -> None:
         }, args.reps)
         print(f"up-projection backward, d_out {d_out}: autograd {ms['autograd']:.3f} ms, ours {ms['ours']:.3f} ms")
         result["up_backward_ours_over_autograd"][str(d_out)] = round(ms["ours"] / ms["autograd"], 3)
+    result["down_forward_ours_over_plain"] = {}
+    for d_in in (576, 1536):
+        x, a = torch.randn(args.tokens, d_in), torch.randn(args.r, d_in)
+        ms = median_ms({"plain": lambda x=x, a=a: x @ a.t(), "ours": lambda x=x, a=a: (a @ x.t()).t()}, args.reps)
+        print(f"down-projection forward, d_in {d_in}: x @ A.T {ms['plain']:.3f} ms, (A @ x.T).T {ms['ours']:.3f} ms")
+        result["down_forward_ours_over_plain"][str(d_in)] = round(ms["ours"] / ms["plain"], 3)
     x = torch.randn(args.tokens, 1536)
     ms = median_ms({"torch_rand": lambda: torch.rand_like(x) >= 0.05, "ours": lambda: dropout_keep_mask(x, 0.05)},
                    args.reps)

@@ -236,7 +236,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, keep, w0, bias, a, b, scale: float, rescale: float):
         x2 = x.reshape(-1, x.shape[-1])
         xk = x2 if keep is None else x2 * keep.reshape(x2.shape)
-        z = xk @ a.mT
+        z = (a @ xk.mT).mT  # an r-row GEMM: 0.6x the time of xk @ a.mT on CPU BLAS (adapter_kernels.py)
         if rescale != 1.0:
             z.mul_(rescale)
         out = torch.addmm(bias, x2, w0.mT) if bias is not None else x2 @ w0.mT
