@@ -5,11 +5,12 @@
 - backward of the up-projection ``z @ B.T`` (z: tokens x r, B: d_out x r), both products:
   autograd's ``g @ B`` and ``g.T @ z`` vs ours ``(B.T @ g.T).T`` and ``(z.T @ g).T`` (``_LowRankUp``)
 - forward of the down-projection ``x @ A.T`` vs ours ``(A @ x.T).T`` (``_FusedLoraLinear``)
+- an AdamW step over SmolLM2's 420 LoRA tensors: torch's default vs ``fused=True`` (the trainer's)
 - a dropout keep mask for a 1024 x 1536 input: ``torch.rand_like(x) >= p`` vs ``dropout_keep_mask``
   (16 SFC64 bits per element), and applying it: ``x * keep`` with a bool vs a uint8 mask
 
 Median of 50 calls each, interleaved. Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
-"down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...}`` (below 1 = ours faster).
+"down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ..., "adamw_fused_over_default": ...}`` (below 1 = ours faster).
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def main() -> None:
     ms = median_ms({"bool": lambda: x * keep, "uint8": lambda: x * keep.view(torch.uint8)}, args.reps)
     print(f"x * keep: bool {ms['bool']:.3f} ms, uint8 {ms['uint8']:.3f} ms")
     result["apply_uint8_over_bool"] = round(ms["uint8"] / ms["bool"], 3)
+    # AdamW over SmolLM2's r = 8 adapter tensors on every linear layer (420 tensors, 4.9M values)
+    shapes = [s for d_in, d_out in [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536),
+                                    (1536, 576)] * 30 for s in ((args.r, d_in), (d_out, args.r))]  # fmt: skip
+    opts = {}
+    for kind in ("default", "fused"):
+        params = [torch.nn.Parameter(torch.randn(shape) * 0.01) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opts[kind] = torch.optim.AdamW(params, lr=1e-4, fused=kind == "fused")
+    ms = median_ms({k: opt.step for k, opt in opts.items()}, max(5, args.reps // 5))
+    print(f"AdamW step, {len(shapes)} adapter tensors: default {ms['default']:.1f} ms, fused {ms['fused']:.1f} ms")
+    result["adamw_fused_over_default"] = round(ms["fused"] / ms["default"], 3)
     print("RESULT " + json.dumps(result))
 
 
