@@ -194,10 +194,20 @@ class _LowRankUp(torch.autograd.Function):
         zg, gg = _grouped(z, b), _grouped(g, b)
         grad_z = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_z = (b.mT.contiguous() @ gg.mT).mT.mul(ctx.scale).reshape(z.shape)
+            grad_z = _up_grad_z(gg, b, ctx.scale).reshape(z.shape)
         if ctx.needs_input_grad[2]:
-            grad_b = (zg.mT @ gg).mT.mul(ctx.scale).contiguous()
+            grad_b = _up_grad_b(zg, gg, ctx.scale)
         return (g if ctx.needs_input_grad[0] else None), grad_z, grad_b, None
+
+
+def _up_grad_z(g: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * g @ B`` formed as the k-row GEMM ``(B.T @ g.T).T`` (see ``_LowRankUp``)."""
+    return (b.mT.contiguous() @ g.mT).mT.mul(scale)
+
+
+def _up_grad_b(z: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * g.T @ z`` formed as the k-row GEMM ``(z.T @ g).T`` (see ``_LowRankUp``)."""
+    return (z.mT @ g).mT.mul(scale).contiguous()
 
 
 def add_low_rank(base: torch.Tensor, z: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -257,7 +267,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
         gz = None
         if need_z:  # d loss / d ((x * keep) A.T): through the output, and through phi when a loss reads it
-            gz = (b.mT.contiguous() @ g2.mT).mT * s
+            gz = _up_grad_z(g2, b, s)
             if g_phi is not None:
                 gz = gz + g_phi.reshape(gz.shape)
             gz = gz * rescale
@@ -276,7 +286,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             if torch.is_grad_enabled():  # a second-order backward: z must be a function of x and A
                 z = ((x2 if k2 is None else x2 * k2) @ a.mT) * rescale
-            grad_b = (z.mT @ g2).mT.mul(s).contiguous()
+            grad_b = _up_grad_b(z, g2, s)
         if ctx.needs_input_grad[2]:
             grad_w0 = g2.mT @ x2
         if ctx.needs_input_grad[3]:
