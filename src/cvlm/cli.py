@@ -68,6 +68,9 @@ def explain(
     out: Path = typer.Option(Path("runs/cvlm-explain"), "--out", help="output folder for PNGs and explanation.json"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: int = typer.Option(1, "--threads"),
+    refine_steps: int | None = typer.Option(
+        None, "--refine-steps", help="gradient steps refining M's change on this image (default: as saved with M; 0 = M alone)"
+    ),
 ) -> None:
     """Explain the saved generator's report of IMAGE under an edit: writes x', |x' - x| and the report change."""
     import torch
@@ -80,21 +83,25 @@ def explain(
     _threads(threads)
     gen = load_generator(model / "generator.pt")
     manip = load_manipulator(model / "manipulator.pt")
+    if refine_steps is not None:
+        if refine_steps < 0:
+            raise UserError("--refine-steps", f"expected a number >= 0, got {refine_steps}")
+        manip.cfg.refine_steps = refine_steps
     _out_dir(out, overwrite, ("explanation.json",))
     x = torch.from_numpy(load_image(image, gen.cfg.image_size))[None, None]
     t = gen.generate(x)[0]
     before = label_report(t)
     e = parse_edit(edit, before)
     t_new = write_report(e.apply(before))
-    with torch.no_grad():
-        x_new = manip.manipulate(x, [t_new], [t])
+    x_new = manip.manipulate(x, [t_new], [t], gen=gen)
     t_regen = gen.generate(x_new)[0]
     delta = (x_new - x)[0, 0].numpy()
     save_png(out / "manipulated.png", np.clip(x_new[0, 0].numpy(), 0, 1), scale=4)
     save_png(out / "cvlm_map.png", np.abs(delta), cmap="inferno", scale=4)
     ok = label_report(t_regen).get(e.name) == e.apply(before).get(e.name)
     res = {"image": str(image), "edit": e.describe(), "report": t, "edited_report": t_new,
-           "regenerated_report": t_regen, "cycle_success": ok, "mean_abs_delta": float(np.abs(delta).mean())}  # fmt: skip
+           "regenerated_report": t_regen, "cycle_success": ok, "mean_abs_delta": float(np.abs(delta).mean()),
+           "refine_steps": manip.cfg.refine_steps}  # fmt: skip
     atomic_write_text(out / "explanation.json", json.dumps(res, indent=2))
     for k, v in res.items():
         typer.echo(f"{k}: {v}")

@@ -28,10 +28,13 @@ def contrastive_score(gen: ReportGenerator, images: Tensor, t: list[str], t_new:
     return gen.log_likelihood(images, t) - gen.log_likelihood(images, t_new)
 
 
-def cvlm_map(manip: Manipulator, images: Tensor, t_new: list[str], t: list[str] | None = None) -> tuple[Tensor, Tensor]:
-    """The manipulated images x' and the CVLM map |x' - x| for the edit t -> t'."""
+def cvlm_map(
+    manip: Manipulator, images: Tensor, t_new: list[str], t: list[str] | None = None, gen: ReportGenerator | None = None
+) -> tuple[Tensor, Tensor]:
+    """The manipulated images x' and the CVLM map |x' - x| for the edit t -> t' (M's residual
+    refined through the generator when ``gen`` is given, see ``Manipulator.refine``)."""
     with torch.no_grad():
-        x_new = manip.manipulate(images, t_new, t)
+        x_new = manip.manipulate(images, t_new, t, gen=gen)
     return x_new, (x_new - images).abs()[:, 0]
 
 

@@ -41,6 +41,12 @@ class ManipulatorConfig:
     # but also let it paint bands along the image frame; "zeros" or "replicate" convolution padding
     coords: bool = True
     padding_mode: str = "zeros"
+    # semi-amortised manipulation: when the generator is at hand, M's residual is the starting
+    # point of ``refine_steps`` Adam steps (learning rate ``refine_lr``) on that image's own copy of
+    # the objective M was trained on (cycle + L1 + total variation). 0 = M alone. Measured on the
+    # committed demo models (docs/cvlm.md): cycle success 0.605 -> 1.00, collateral 0.056 -> 0.00.
+    refine_steps: int = 200
+    refine_lr: float = 5e-3
 
 
 # "margin": per-token hinge of the cycle loss in nats (``CXRReportGenerator.sequence_nll``)
@@ -98,6 +104,9 @@ class Manipulator(nn.Module):
         self.out = nn.Conv2d(c1, 1, 3, padding=1, padding_mode=pm)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        # the loss weights M was trained with (set by ``train_manipulator``, saved with M): the
+        # refinement optimises the same objective
+        self.loss_weights: dict[str, float] = {}
 
     def forward(self, images: Tensor, cond: Tensor) -> Tensor:
         """The residual delta (B, 1, H, W) for images (B, 1, H, W) and conditions from ``encode_reports``."""
@@ -124,13 +133,44 @@ class Manipulator(nn.Module):
             raise ValueError("this manipulator is conditioned on the edit: pass the current reports t as base")
         return torch.cat([v, v - torch.tensor([report_vector(r) for r in base], dtype=torch.float32)], 1)
 
-    def manipulate(self, images: Tensor, reports: list[str], base: list[str] | None = None) -> Tensor:
-        """x' = x + M(x, t') for edited report strings t' of images whose current reports are ``base``."""
-        return images + self(images, self.encode_reports(reports, base).to(images.device))
+    def manipulate(
+        self, images: Tensor, reports: list[str], base: list[str] | None = None, gen: nn.Module | None = None
+    ) -> Tensor:
+        """x' = x + M(x, t') for edited report strings t' of images whose current reports are ``base``;
+        with the (frozen) generator ``gen``, M's residual is then refined (``refine``)."""
+        with torch.no_grad():
+            delta = self(images, self.encode_reports(reports, base).to(images.device))
+        if gen is not None and self.cfg.refine_steps > 0:
+            delta = self.refine(gen, images, delta, reports)
+        return images + delta
+
+    def refine(self, gen: nn.Module, images: Tensor, delta: Tensor, reports: list[str]) -> Tensor:
+        """``cfg.refine_steps`` Adam steps on delta, from M's residual, on the per-image objective
+        M was trained on: cycle (with its hinge) + L1 + total variation, with M's training weights.
+
+        Why: M is amortised - one network for every image and edit - and within the demo's CPU
+        budget it reaches the edited report only part of the time. Starting from its residual, a
+        few steps on the single image reach it nearly always, and the continued L1 pull leaves
+        the change where it moves the generator most per unit of change. Every image's delta is
+        optimised independently (the batch loss is a sum of per-image terms and Adam is per
+        element), so the result does not depend on which images share a batch. Only delta
+        receives gradients; the generator's parameters are never touched."""
+        w = {**DEFAULT_WEIGHTS, **self.loss_weights}
+        tokens = gen.batch_tokens(reports).to(images.device)
+        delta = delta.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=self.cfg.refine_lr)
+        with torch.enable_grad():
+            for _ in range(self.cfg.refine_steps):
+                loss = (gen.sequence_nll(images + delta, tokens, w["margin"]) + w["l1"] * delta.abs().flatten(1).mean(1)
+                        + w["tv"] * total_variation(delta)).sum()  # fmt: skip
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta.grad = grad
+                opt.step()
+        return delta.detach()
 
     def state(self) -> dict:
         return {"kind": "Manipulator", "config": asdict(self.cfg), "vocab": self.tokenizer.itos,
-                "weights": self.state_dict()}
+                "weights": self.state_dict(), "loss_weights": dict(self.loss_weights)}
 
     @classmethod
     def from_state(cls, state: dict) -> Manipulator:
@@ -138,6 +178,7 @@ class Manipulator(nn.Module):
         cfg["channels"] = tuple(cfg["channels"])
         m = cls(Tokenizer(list(state["vocab"])[len(Tokenizer.SPECIAL) :]), ManipulatorConfig(**cfg))
         m.load_state_dict(state["weights"])
+        m.loss_weights = dict(state.get("loss_weights", {}))
         return m.eval()
 
 

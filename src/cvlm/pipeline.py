@@ -31,6 +31,9 @@ TARGETS = {
     "shortcut_exposed": (">=", 0.80),
 }
 SHORTCUT_FINDING = "cardiomegaly"
+# every map scored: CVLM as configured (M's change refined on the image), CVLM with M alone
+# (the amortised manipulator, no refinement: what the refinement adds), and the baselines
+METHODS = ("cvlm", "cvlm_m_alone", *BASELINES)
 
 
 @dataclass
@@ -106,8 +109,9 @@ def _labels(reports: list[str]) -> list[dict]:
     return [label_report(r) for r in reports]
 
 
-def evaluate_edits(gen, manip, test: list[Phantom], seed: int) -> tuple[dict, list[dict]]:
-    """One random edit per held-out phantom (edit kinds uniform): cycle success and collateral."""
+def evaluate_edits(gen, manip, test: list[Phantom], seed: int, refine: bool = True) -> tuple[dict, list[dict]]:
+    """One random edit per held-out phantom (edit kinds uniform): cycle success and collateral.
+    ``refine=False`` scores M alone (its residual without the per-image refinement)."""
     rng = np.random.default_rng(seed)
     x = images_tensor(test)
     t_old = gen.generate(x)
@@ -118,8 +122,7 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int) -> tuple[dict, li
         assert e is not None  # "add" always applies to some absent finding or another edit exists
         edits.append(e)
     t_new = [write_report(e.apply(f)) for e, f in zip(edits, before, strict=True)]
-    with torch.no_grad():
-        x_new = manip.manipulate(x, t_new, t_old)
+    x_new = manip.manipulate(x, t_new, t_old, gen=gen if refine else None)
     after = _labels(gen.generate(x_new))
     rows = []
     for i, (e, b, a) in enumerate(zip(edits, before, after, strict=True)):
@@ -159,7 +162,7 @@ def localisation_cases(gen, test: list[Phantom], n_per_finding: int) -> list[tup
 
 def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, str]], batch: int = 16) -> dict:
     """Maps of every method for the 'remove finding' edit of each case, as numpy (N, H, W)."""
-    maps: dict[str, list[np.ndarray]] = {m: [] for m in ("cvlm", *BASELINES)}
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     x_news, t_olds, t_news = [], [], []
     for k in range(0, len(cases), batch):
         chunk = cases[k : k + batch]
@@ -167,8 +170,9 @@ def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, st
         t = gen.generate(x)
         t_new = [write_report(Edit("remove", label_report(r)[n], n).apply(label_report(r))) for r, (_, n) in
                  zip(t, chunk, strict=True)]  # fmt: skip
-        x_new, m = cvlm_map(manip, x, t_new, t)
+        x_new, m = cvlm_map(manip, x, t_new, t, gen=gen)
         maps["cvlm"].append(m.numpy())
+        maps["cvlm_m_alone"].append(cvlm_map(manip, x, t_new, t)[1].numpy())
         for name, bm in baseline_maps(gen, x, t, t_new).items():
             maps[name].append(bm.detach().numpy())
         x_news.append(x_new[:, 0].numpy())
@@ -186,7 +190,7 @@ def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, st
 
 def score_maps(maps: dict, masks: list[np.ndarray], names: list[str]) -> dict:
     res: dict = {}
-    for method in ("cvlm", *BASELINES):
+    for method in METHODS:
         pg = [pointing_game(m, k) for m, k in zip(maps[method], masks, strict=True)]
         iou = [topk_iou(m, k) for m, k in zip(maps[method], masks, strict=True)]
         au = [auroc(m, k) for m, k in zip(maps[method], masks, strict=True)]
@@ -222,7 +226,7 @@ def evaluate_shortcut(gen_s, manip_s, s_test: list[Phantom], cfg: DemoConfig) ->
     s_cases = [(i, SHORTCUT_FINDING) for i in cand[: cfg.n_short]]
     reliant = reliant_all[: cfg.n_short]
     s_maps = explain_cases(gen_s, manip_s, s_test, s_cases)
-    methods = ("cvlm", *BASELINES)
+    methods = METHODS
     on_marker = {m: [pointing_game(a, s_test[i].masks[MARKER_NAME]) for a, (i, _) in zip(s_maps[m], s_cases, strict=True)]
                  for m in methods}  # fmt: skip
     on_finding = {m: [pointing_game(a, s_test[i].masks[SHORTCUT_FINDING]) for a, (i, _) in zip(s_maps[m], s_cases, strict=True)]
@@ -307,6 +311,7 @@ def run_demo(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
     gen_acc = {n: float(np.mean([r.get(n) == p.findings.get(n) for r, p in zip(gen_reports, test, strict=True)]))
                for n in FINDINGS}  # fmt: skip
     edits, edit_rows = evaluate_edits(gen, manip, test, cfg.seed + 7)
+    edits_m, _ = evaluate_edits(gen, manip, test, cfg.seed + 7, refine=False)
 
     cases = localisation_cases(gen, test, cfg.n_loc)
     loc_maps = explain_cases(gen, manip, test, cases)
@@ -333,6 +338,7 @@ def run_demo(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
         "targets": targets,
         "generator_accuracy": gen_acc,
         "edits": edits,
+        "edits_m_alone": {k: edits_m[k] for k in ("n", "cycle_success", "collateral_change", "mean_abs_delta")},
         "localisation": {"n_cases": len(cases), "methods": loc},
         "shortcut": shortcut,
         "training": {"generator": hist_g, "manipulator": hist_m, "shortcut_generator": hist_gs,

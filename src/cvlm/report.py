@@ -97,7 +97,7 @@ def write_html(path: Path, metrics: dict, test: list[Phantom], cases: list[tuple
                      f"<td>{_fmt(r['auroc'])}</td><td>{by}</td></tr>")  # fmt: skip
     e = metrics["edits"]
     parts.append(f"</table><h2>Edits (n={e['n']})</h2><p>cycle success {_fmt(e['cycle_success'])}, collateral change "
-                 f"{_fmt(e['collateral_change'])}, mean |delta| {_fmt(e['mean_abs_delta'])}</p>"
+                 f"{_fmt(e['collateral_change'])}, mean |delta| {_fmt(e['mean_abs_delta'])}{_m_alone(metrics)}</p>"
                  "<table><tr><th>group</th><th>n</th><th>cycle success</th><th>collateral</th></tr>")  # fmt: skip
     for key in ("by_kind", "by_finding"):
         for g, r in e[key].items():
@@ -132,6 +132,15 @@ def write_html(path: Path, metrics: dict, test: list[Phantom], cases: list[tuple
     atomic_write_text(path, "\n".join(parts))
 
 
+def _m_alone(metrics: dict) -> str:
+    """The same edits by M alone (no per-image refinement), when measured."""
+    m = metrics.get("edits_m_alone")
+    if not m:
+        return ""
+    return (f" (M alone, without the refinement: cycle success {_fmt(m['cycle_success'])}, collateral change "
+            f"{_fmt(m['collateral_change'])}, mean |delta| {_fmt(m['mean_abs_delta'])})")
+
+
 def results_markdown(metrics: dict, command: str = "cvlm demo") -> str:
     """The headline numbers as a Markdown section (for docs/results and the README text)."""
     lines = [f"Command: `{command}`", "",
@@ -145,7 +154,7 @@ def results_markdown(metrics: dict, command: str = "cvlm demo") -> str:
                      f"{metrics['shortcut']['on_marker_reliant'][m]:.3f} / {metrics['shortcut']['on_marker'][m]:.3f} |")  # fmt: skip
     e = metrics["edits"]
     lines += ["", f"Edits: n={e['n']}, cycle success {e['cycle_success']:.3f}, collateral change "
-              f"{e['collateral_change']:.3f}; by kind: "
+              f"{e['collateral_change']:.3f}{_m_alone(metrics)}; by kind: "
               + ", ".join(f"{k} {v['cycle_success']:.2f} (n={v['n']})" for k, v in e["by_kind"].items())
               + "; by finding: "
               + ", ".join(f"{k} {v['cycle_success']:.2f}" for k, v in e["by_finding"].items()) + ".", ""]  # fmt: skip

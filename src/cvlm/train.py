@@ -114,6 +114,7 @@ def train_manipulator(
     are used. At most ``steps`` steps and ``max_seconds`` seconds.
     """
     freeze(gen)
+    manip.loss_weights = dict(weights or {})
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     x_all = images_tensor(phantoms)

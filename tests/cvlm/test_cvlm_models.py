@@ -179,3 +179,34 @@ def test_manipulator_condition_needs_the_current_report():
         m.encode_reports(["No pneumothorax."])
     same = m.encode_reports(["No pneumothorax."], ["No pneumothorax."])
     assert same[0, 48:].abs().sum() == 0  # t' = t: "change nothing"
+
+
+def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alone():
+    g = freeze(tiny_generator())
+    m = tiny_manipulator()
+    m.loss_weights = {"l1": 5.0, "margin": 0.2}
+    m.cfg.refine_steps, m.cfg.refine_lr = 30, 0.01
+    x = images_tensor(make_dataset(3, seed=5, size=SIZE))
+    base = ["The heart is normal in size. No pleural effusion."] * 3
+    edited = ["The heart is enlarged. No pleural effusion."] * 3
+    g_before = [p.clone() for p in g.parameters()]
+    alone = m.manipulate(x, edited, base)
+    refined = m.manipulate(x, edited, base, gen=g)
+    assert torch.equal(alone, x)  # the untrained M is the identity; only the refinement changes x
+    tok = pad_tokens([TOK.encode(r) for r in edited])
+
+    def objective(x_new, rows=slice(None)):
+        d = x_new - x[rows]
+        return g.sequence_nll(x_new, tok[rows], 0.2) + 5.0 * d.abs().flatten(1).mean(1)
+
+    assert (objective(refined) < objective(alone) - 1e-3).all()  # every image's own objective falls
+    assert all(torch.equal(a, p) and p.grad is None for a, p in zip(g_before, g.parameters(), strict=True))
+    # each image is refined on its own: the result does not depend on the rest of the batch (up to
+    # rounding, which Adam's per-element normalisation amplifies where L1 holds a pixel near zero)
+    single = m.manipulate(x[1:2], edited[1:2], base[1:2], gen=g)
+    assert (single - refined[1:2]).abs().max() < 0.02
+    assert torch.allclose(objective(single, slice(1, 2)), objective(refined)[1:2], rtol=0.02)
+    # steps = 0 is M alone, and the weights M was trained with travel with its state
+    m.cfg.refine_steps = 0
+    assert torch.equal(m.manipulate(x, edited, base, gen=g), alone)
+    assert Manipulator.from_state(m.state()).loss_weights == {"l1": 5.0, "margin": 0.2}
