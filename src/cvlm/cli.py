@@ -69,13 +69,17 @@ def explain(
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: int = typer.Option(1, "--threads"),
     refine_steps: int | None = typer.Option(
-        None, "--refine-steps", help="gradient steps refining M's change on this image (default: as saved with M; 0 = M alone)"
+        None, "--refine-steps", help="gradient steps optimising the change for this image (default: as saved; 0 = M alone)"
+    ),
+    refine_init: str | None = typer.Option(
+        None, "--refine-init", help="start the optimisation from 'zero' or from M's change, 'manipulator' (default: as saved)"
     ),
 ) -> None:
     """Explain the saved generator's report of IMAGE under an edit: writes x', |x' - x| and the report change."""
     import torch
 
     from .data import load_image
+    from .manipulator import REFINE_INITS
     from .pipeline import load_generator, load_manipulator
     from .report import save_png
     from .reports import label_report, parse_edit, write_report
@@ -87,6 +91,10 @@ def explain(
         if refine_steps < 0:
             raise UserError("--refine-steps", f"expected a number >= 0, got {refine_steps}")
         manip.cfg.refine_steps = refine_steps
+    if refine_init is not None:
+        if refine_init not in REFINE_INITS:
+            raise UserError("--refine-init", f"expected one of {', '.join(REFINE_INITS)}, got {refine_init!r}")
+        manip.cfg.refine_init = refine_init
     _out_dir(out, overwrite, ("explanation.json",))
     x = torch.from_numpy(load_image(image, gen.cfg.image_size))[None, None]
     t = gen.generate(x)[0]
@@ -101,7 +109,7 @@ def explain(
     ok = label_report(t_regen).get(e.name) == e.apply(before).get(e.name)
     res = {"image": str(image), "edit": e.describe(), "report": t, "edited_report": t_new,
            "regenerated_report": t_regen, "cycle_success": ok, "mean_abs_delta": float(np.abs(delta).mean()),
-           "refine_steps": manip.cfg.refine_steps}  # fmt: skip
+           "refine_steps": manip.cfg.refine_steps, "refine_init": manip.cfg.refine_init}  # fmt: skip
     atomic_write_text(out / "explanation.json", json.dumps(res, indent=2))
     for k, v in res.items():
         typer.echo(f"{k}: {v}")

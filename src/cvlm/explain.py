@@ -29,12 +29,17 @@ def contrastive_score(gen: ReportGenerator, images: Tensor, t: list[str], t_new:
 
 
 def cvlm_map(
-    manip: Manipulator, images: Tensor, t_new: list[str], t: list[str] | None = None, gen: ReportGenerator | None = None
+    manip: Manipulator,
+    images: Tensor,
+    t_new: list[str],
+    t: list[str] | None = None,
+    gen: ReportGenerator | None = None,
+    init: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The manipulated images x' and the CVLM map |x' - x| for the edit t -> t' (M's residual
-    refined through the generator when ``gen`` is given, see ``Manipulator.refine``)."""
+    """The manipulated images x' and the CVLM map |x' - x| for the edit t -> t': M alone without
+    ``gen``; with it, refined through the generator (``Manipulator.manipulate``, ``init``)."""
     with torch.no_grad():
-        x_new = manip.manipulate(images, t_new, t, gen=gen)
+        x_new = manip.manipulate(images, t_new, t, gen=gen, init=init)
     return x_new, (x_new - images).abs()[:, 0]
 
 

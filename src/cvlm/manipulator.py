@@ -41,16 +41,26 @@ class ManipulatorConfig:
     # but also let it paint bands along the image frame; "zeros" or "replicate" convolution padding
     coords: bool = True
     padding_mode: str = "zeros"
-    # semi-amortised manipulation: when the generator is at hand, M's residual is the starting
-    # point of ``refine_steps`` Adam steps (learning rate ``refine_lr``) on that image's own copy of
-    # the objective M was trained on (cycle + L1 + total variation). 0 = M alone. Measured on the
-    # committed demo models (docs/cvlm.md): cycle success 0.605 -> 1.00, collateral 0.056 -> 0.00.
+    # per-image refinement: when the generator is at hand, ``refine_steps`` Adam steps (learning
+    # rate ``refine_lr``) on the image's own copy of the objective M was trained on (cycle + L1 +
+    # total variation), starting from zero ("zero": the CVLM objective solved for this image alone)
+    # or from M's residual ("manipulator"). 0 steps = M alone, one forward pass. Measured in
+    # docs/cvlm.md: from zero the change lands on the finding far more often than from M's residual,
+    # which carries M's learnt shortcuts (changes on the image frame) into the refinement.
     refine_steps: int = 200
     refine_lr: float = 5e-3
+    refine_init: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.refine_init not in REFINE_INITS:
+            raise ValueError(f"refine_init: expected one of {REFINE_INITS}, got {self.refine_init!r}")
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps: expected a number >= 0, got {self.refine_steps}")
 
 
 # "margin": per-token hinge of the cycle loss in nats (``CXRReportGenerator.sequence_nll``)
 # "common": penalty on the part of |delta| shared by the batch's different edits (see below)
+REFINE_INITS = ("zero", "manipulator")
 DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0, "margin": 0.0, "common": 0.0}
 
 
@@ -134,10 +144,18 @@ class Manipulator(nn.Module):
         return torch.cat([v, v - torch.tensor([report_vector(r) for r in base], dtype=torch.float32)], 1)
 
     def manipulate(
-        self, images: Tensor, reports: list[str], base: list[str] | None = None, gen: nn.Module | None = None
+        self,
+        images: Tensor,
+        reports: list[str],
+        base: list[str] | None = None,
+        gen: nn.Module | None = None,
+        init: str | None = None,
     ) -> Tensor:
         """x' = x + M(x, t') for edited report strings t' of images whose current reports are ``base``;
-        with the (frozen) generator ``gen``, M's residual is then refined (``refine``)."""
+        with the (frozen) generator ``gen`` and ``cfg.refine_steps`` > 0, x' = x + the refined
+        change (``refine``, from zero or from M's residual: ``init``, by default ``cfg.refine_init``)."""
+        if gen is not None and self.cfg.refine_steps > 0 and (init or self.cfg.refine_init) == "zero":
+            return images + self.refine(gen, images, torch.zeros_like(images), reports)
         with torch.no_grad():
             delta = self(images, self.encode_reports(reports, base).to(images.device))
         if gen is not None and self.cfg.refine_steps > 0:
@@ -145,13 +163,16 @@ class Manipulator(nn.Module):
         return images + delta
 
     def refine(self, gen: nn.Module, images: Tensor, delta: Tensor, reports: list[str]) -> Tensor:
-        """``cfg.refine_steps`` Adam steps on delta, from M's residual, on the per-image objective
-        M was trained on: cycle (with its hinge) + L1 + total variation, with M's training weights.
+        """``cfg.refine_steps`` Adam steps on ``delta`` (the starting change) on the per-image
+        objective M was trained on: cycle (with its hinge) + L1 + total variation, with M's
+        training weights.
 
         Why: M is amortised - one network for every image and edit - and within the demo's CPU
-        budget it reaches the edited report only part of the time. Starting from its residual, a
-        few steps on the single image reach it nearly always, and the continued L1 pull leaves
-        the change where it moves the generator most per unit of change. Every image's delta is
+        budget it reaches the edited report only part of the time, and it learns changes that
+        move the generator for many images at once (bands on the image frame) rather than the
+        finding of each. The same objective optimised for one image reaches the edited report
+        nearly always, and the L1 and total-variation pull leaves one compact change where it
+        moves the generator most per unit of change. Every image's delta is
         optimised independently (the batch loss is a sum of per-image terms and Adam is per
         element), so the result does not depend on which images share a batch. Only delta
         receives gradients; the generator's parameters are never touched."""

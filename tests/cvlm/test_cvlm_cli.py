@@ -65,14 +65,23 @@ def test_phantom_data_check_and_explain(demo_dir, tmp_path, capsys):
     code, out, _ = run(["data-check", str(ph / "reports.csv")], capsys)
     assert code == 0 and out.startswith("3 studies")
     ex = tmp_path / "ex"
-    code, out, err = run(["explain", str(ph / "phantom_000.png"), "--edit", "add large left upper nodule",
-                          "--model", str(demo_dir), "--out", str(ex)], capsys)  # fmt: skip
-    if code == 2:  # the tiny generator may already "report" a nodule: then the add does not apply
-        assert err.startswith("error: --edit: cannot add")
-        return
+    # the tiny generator's report decides which edits apply ("add" needs the finding absent)
+    for edit in ("add large left upper nodule", "remove nodule"):
+        code, out, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
+                              "--out", str(ex), "--overwrite"], capsys)  # fmt: skip
+        if code == 0:
+            break
+        assert code == 2 and err.startswith("error: --edit: cannot")
     assert code == 0, err
     res = json.loads((ex / "explanation.json").read_text())
-    assert "nodule" in res["edited_report"] and (ex / "cvlm_map.png").is_file()
+    assert (ex / "cvlm_map.png").is_file() and res["edited_report"] != res["report"]
+    assert res["refine_init"] == "zero" and res["refine_steps"] > 0  # the saved default
+    code, _, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
+                        "--out", str(ex), "--overwrite", "--refine-init", "random"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: --refine-init: expected one of zero, manipulator")
+    code, _, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
+                        "--out", str(ex), "--overwrite", "--refine-steps", "0"], capsys)  # fmt: skip
+    assert code == 0 and json.loads((ex / "explanation.json").read_text())["refine_steps"] == 0
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -94,7 +94,7 @@ class MarkerGenerator:
 class CornerEraser:
     """A manipulator that darkens the corner when the edited report drops cardiomegaly."""
 
-    def manipulate(self, images, reports, base=None, gen=None):
+    def manipulate(self, images, reports, base=None, gen=None, init=None):
         out = images.clone()
         for k, r in enumerate(reports):
             if "enlarged" not in r:
@@ -103,7 +103,7 @@ class CornerEraser:
 
 
 class NoChange:
-    def manipulate(self, images, reports, base=None, gen=None):
+    def manipulate(self, images, reports, base=None, gen=None, init=None):
         return images.clone()
 
 

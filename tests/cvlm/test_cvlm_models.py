@@ -182,6 +182,8 @@ def test_manipulator_condition_needs_the_current_report():
 
 
 def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alone():
+    import pytest
+
     g = freeze(tiny_generator())
     m = tiny_manipulator()
     m.loss_weights = {"l1": 5.0, "margin": 0.2}
@@ -190,23 +192,34 @@ def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alon
     base = ["The heart is normal in size. No pleural effusion."] * 3
     edited = ["The heart is enlarged. No pleural effusion."] * 3
     g_before = [p.clone() for p in g.parameters()]
+    # give M a non-zero residual, so that the two starting points differ
+    torch.nn.init.normal_(m.out.bias, std=0.05)
     alone = m.manipulate(x, edited, base)
-    refined = m.manipulate(x, edited, base, gen=g)
-    assert torch.equal(alone, x)  # the untrained M is the identity; only the refinement changes x
+    assert not torch.equal(alone, x)
     tok = pad_tokens([TOK.encode(r) for r in edited])
 
     def objective(x_new, rows=slice(None)):
         d = x_new - x[rows]
         return g.sequence_nll(x_new, tok[rows], 0.2) + 5.0 * d.abs().flatten(1).mean(1)
 
-    assert (objective(refined) < objective(alone) - 1e-3).all()  # every image's own objective falls
+    for init, start in (("manipulator", alone), ("zero", x)):
+        refined = m.manipulate(x, edited, base, gen=g, init=init)
+        assert (objective(refined) < objective(start) - 1e-3).all()  # every image's own objective falls
+        # each image is refined on its own: the result does not depend on the rest of the batch (up to
+        # rounding, which Adam's per-element normalisation amplifies where L1 holds a pixel near zero)
+        single = m.manipulate(x[1:2], edited[1:2], base[1:2], gen=g, init=init)
+        assert (single - refined[1:2]).abs().max() < 0.02
+        assert torch.allclose(objective(single, slice(1, 2)), objective(refined)[1:2], rtol=0.02)
     assert all(torch.equal(a, p) and p.grad is None for a, p in zip(g_before, g.parameters(), strict=True))
-    # each image is refined on its own: the result does not depend on the rest of the batch (up to
-    # rounding, which Adam's per-element normalisation amplifies where L1 holds a pixel near zero)
-    single = m.manipulate(x[1:2], edited[1:2], base[1:2], gen=g)
-    assert (single - refined[1:2]).abs().max() < 0.02
-    assert torch.allclose(objective(single, slice(1, 2)), objective(refined)[1:2], rtol=0.02)
+    # the default starts from zero: M's residual plays no part
+    m.cfg.refine_init = "zero"
+    torch.manual_seed(0)
+    default = m.manipulate(x, edited, base, gen=g)
+    torch.nn.init.normal_(m.out.bias, std=0.05)
+    assert torch.allclose(m.manipulate(x, edited, base, gen=g), default, atol=1e-6)
     # steps = 0 is M alone, and the weights M was trained with travel with its state
     m.cfg.refine_steps = 0
-    assert torch.equal(m.manipulate(x, edited, base, gen=g), alone)
+    assert torch.equal(m.manipulate(x, edited, base, gen=g), m.manipulate(x, edited, base))
     assert Manipulator.from_state(m.state()).loss_weights == {"l1": 5.0, "margin": 0.2}
+    with pytest.raises(ValueError, match="refine_init"):
+        ManipulatorConfig(refine_init="random")
