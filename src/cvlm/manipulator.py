@@ -43,13 +43,14 @@ class ManipulatorConfig:
     padding_mode: str = "zeros"
     # per-image refinement: when the generator is at hand, ``refine_steps`` Adam steps (learning
     # rate ``refine_lr``) on the image's own copy of the objective M was trained on (cycle + L1 +
-    # total variation), starting from zero ("zero": the CVLM objective solved for this image alone)
-    # or from M's residual ("manipulator"). 0 steps = M alone, one forward pass. Measured in
-    # docs/cvlm.md: from zero the change lands on the finding far more often than from M's residual,
-    # which carries M's learnt shortcuts (changes on the image frame) into the refinement.
+    # total variation), starting from M's residual ("manipulator") or from zero ("zero": the
+    # objective solved for this image alone, M unused). 0 steps = M alone, one forward pass.
+    # Measured in docs/cvlm.md: both reach the edited report on every held-out edit; from zero the
+    # change lands on small findings as often, but on the shortcut generator it edits the heart,
+    # not the planted marker the generator reads (4 of 24 on the marker vs 24 of 24 from M's residual).
     refine_steps: int = 200
     refine_lr: float = 5e-3
-    refine_init: str = "zero"
+    refine_init: str = "manipulator"
 
     def __post_init__(self) -> None:
         if self.refine_init not in REFINE_INITS:
@@ -168,11 +169,11 @@ class Manipulator(nn.Module):
         training weights.
 
         Why: M is amortised - one network for every image and edit - and within the demo's CPU
-        budget it reaches the edited report only part of the time, and it learns changes that
-        move the generator for many images at once (bands on the image frame) rather than the
-        finding of each. The same objective optimised for one image reaches the edited report
-        nearly always, and the L1 and total-variation pull leaves one compact change where it
-        moves the generator most per unit of change. Every image's delta is
+        budget it reaches the edited report only part of the time. The same objective optimised
+        for one image, from M's change, reaches it nearly always, and the L1 and total-variation
+        pull shrinks the change to what moves the generator most per unit of change, while M's
+        change keeps the optimisation near the evidence M learnt to edit (on a shortcut generator:
+        the marker). Every image's delta is
         optimised independently (the batch loss is a sum of per-image terms and Adam is per
         element), so the result does not depend on which images share a batch. Only delta
         receives gradients; the generator's parameters are never touched."""

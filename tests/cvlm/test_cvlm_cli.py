@@ -75,7 +75,7 @@ def test_phantom_data_check_and_explain(demo_dir, tmp_path, capsys):
     assert code == 0, err
     res = json.loads((ex / "explanation.json").read_text())
     assert (ex / "cvlm_map.png").is_file() and res["edited_report"] != res["report"]
-    assert res["refine_init"] == "zero" and res["refine_steps"] > 0  # the saved default
+    assert res["refine_init"] == "manipulator" and res["refine_steps"] > 0  # the saved default
     code, _, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
                         "--out", str(ex), "--overwrite", "--refine-init", "random"], capsys)  # fmt: skip
     assert code == 2 and err.startswith("error: --refine-init: expected one of zero, manipulator")

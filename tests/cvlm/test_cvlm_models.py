@@ -211,7 +211,7 @@ def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alon
         assert (single - refined[1:2]).abs().max() < 0.02
         assert torch.allclose(objective(single, slice(1, 2)), objective(refined)[1:2], rtol=0.02)
     assert all(torch.equal(a, p) and p.grad is None for a, p in zip(g_before, g.parameters(), strict=True))
-    # the default starts from zero: M's residual plays no part
+    # from zero, M's residual plays no part
     m.cfg.refine_init = "zero"
     torch.manual_seed(0)
     default = m.manipulate(x, edited, base, gen=g)
