@@ -19,7 +19,7 @@ the part of |delta| that the batch's edits share (``manipulator_losses``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ class ManipulatorConfig:
     refine_steps: int = 200
     refine_lr: float = 5e-3
     refine_init: str = "manipulator"
+    # overrides of M's training weights for the refinement: a strong total variation makes the
+    # refined change one compact region instead of speckle (pointing 0.23 -> 0.42 on one saved demo
+    # model, 0.42-0.50 -> 0.65 on another, docs/cvlm.md), while M itself trains at the default 0.3:
+    # trained at 10, two of five manipulators (in two demo runs) collapsed to the identity
+    refine_weights: dict[str, float] = field(default_factory=lambda: {"tv": 10.0})
 
     def __post_init__(self) -> None:
         if self.refine_init not in REFINE_INITS:
@@ -166,7 +171,7 @@ class Manipulator(nn.Module):
     def refine(self, gen: nn.Module, images: Tensor, delta: Tensor, reports: list[str]) -> Tensor:
         """``cfg.refine_steps`` Adam steps on ``delta`` (the starting change) on the per-image
         objective M was trained on: cycle (with its hinge) + L1 + total variation, with M's
-        training weights.
+        training weights overridden by ``cfg.refine_weights``.
 
         Why: M is amortised - one network for every image and edit - and within the demo's CPU
         budget it reaches the edited report only part of the time. The same objective optimised
@@ -177,7 +182,7 @@ class Manipulator(nn.Module):
         optimised independently (the batch loss is a sum of per-image terms and Adam is per
         element), so the result does not depend on which images share a batch. Only delta
         receives gradients; the generator's parameters are never touched."""
-        w = {**DEFAULT_WEIGHTS, **self.loss_weights}
+        w = {**DEFAULT_WEIGHTS, **self.loss_weights, **self.cfg.refine_weights}
         tokens = gen.batch_tokens(reports).to(images.device)
         delta = delta.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=self.cfg.refine_lr)

@@ -59,12 +59,9 @@ class DemoConfig:
     man_lr: float = 4e-3
     identity_frac: float = 0.2
     # overrides of manipulator.DEFAULT_WEIGHTS: a stronger L1 (sparsity), a 0.2-nat hinge on the
-    # cycle loss, the common-mode penalty and a strong total variation (one compact change, not
-    # speckle: M alone, pointing 0.02 -> 0.44 at tv 0.3 -> 10; measured in docs/cvlm.md). The
-    # per-image refinement uses the same weights.
-    man_weights: dict[str, float] = field(
-        default_factory=lambda: {"l1": 5.0, "margin": 0.2, "common": 10.0, "tv": 10.0}
-    )
+    # cycle loss and the common-mode penalty (measured in docs/cvlm.md); the per-image refinement
+    # adds its own total variation (ManipulatorConfig.refine_weights)
+    man_weights: dict[str, float] = field(default_factory=lambda: {"l1": 5.0, "margin": 0.2, "common": 10.0})
     # Wall-clock budget of the four trainings together (None: run the step counts exactly, which
     # is deterministic). Each training stops at its step count or when its share of the budget
     # (plus whatever earlier trainings left unused) is spent, and anneals its learning rate on

@@ -187,7 +187,7 @@ def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alon
     g = freeze(tiny_generator())
     m = tiny_manipulator()
     m.loss_weights = {"l1": 5.0, "margin": 0.2}
-    m.cfg.refine_steps, m.cfg.refine_lr = 30, 0.01
+    m.cfg.refine_steps, m.cfg.refine_lr, m.cfg.refine_weights = 30, 0.01, {}
     x = images_tensor(make_dataset(3, seed=5, size=SIZE))
     base = ["The heart is normal in size. No pleural effusion."] * 3
     edited = ["The heart is enlarged. No pleural effusion."] * 3
@@ -211,6 +211,13 @@ def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alon
         assert (single - refined[1:2]).abs().max() < 0.02
         assert torch.allclose(objective(single, slice(1, 2)), objective(refined)[1:2], rtol=0.02)
     assert all(torch.equal(a, p) and p.grad is None for a, p in zip(g_before, g.parameters(), strict=True))
+    # the refinement's own weight overrides apply: a large total variation gives a smoother change
+    from cvlm.manipulator import total_variation
+
+    smooth = m.manipulate(x, edited, base, gen=g, init="zero")
+    m.cfg.refine_weights = {"tv": 50.0}
+    assert (total_variation(m.manipulate(x, edited, base, gen=g, init="zero") - x) < total_variation(smooth - x)).all()
+    m.cfg.refine_weights = {}
     # from zero, M's residual plays no part
     m.cfg.refine_init = "zero"
     torch.manual_seed(0)
