@@ -1,5 +1,6 @@
 """The generator interface and a manipulator training step through the frozen generator."""
 
+import pytest
 import torch
 
 from cvlm.generator import CXRReportGenerator, FeatureGenerator, GeneratorConfig, ReportGenerator, freeze
@@ -182,8 +183,6 @@ def test_manipulator_condition_needs_the_current_report():
 
 
 def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alone():
-    import pytest
-
     g = freeze(tiny_generator())
     m = tiny_manipulator()
     m.loss_weights = {"l1": 5.0, "margin": 0.2}
@@ -214,16 +213,15 @@ def test_refinement_lowers_the_objective_per_image_and_leaves_the_generator_alon
     # the refinement's own weight overrides apply: a large total variation gives a smoother change
     from cvlm.manipulator import total_variation
 
-    smooth = m.manipulate(x, edited, base, gen=g, init="zero")
+    rough = m.manipulate(x, edited, base, gen=g, init="zero")
     m.cfg.refine_weights = {"tv": 50.0}
-    assert (total_variation(m.manipulate(x, edited, base, gen=g, init="zero") - x) < total_variation(smooth - x)).all()
+    assert (total_variation(m.manipulate(x, edited, base, gen=g, init="zero") - x) < total_variation(rough - x)).all()
     m.cfg.refine_weights = {}
     # from zero, M's residual plays no part
     m.cfg.refine_init = "zero"
-    torch.manual_seed(0)
-    default = m.manipulate(x, edited, base, gen=g)
-    torch.nn.init.normal_(m.out.bias, std=0.05)
-    assert torch.allclose(m.manipulate(x, edited, base, gen=g), default, atol=1e-6)
+    from_zero = m.manipulate(x, edited, base, gen=g)
+    torch.nn.init.normal_(m.out.bias, std=0.05)  # another M
+    assert torch.allclose(m.manipulate(x, edited, base, gen=g), from_zero, atol=1e-6)
     # steps = 0 is M alone, and the weights M was trained with travel with its state
     m.cfg.refine_steps = 0
     assert torch.equal(m.manipulate(x, edited, base, gen=g), m.manipulate(x, edited, base))
