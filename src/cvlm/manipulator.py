@@ -47,8 +47,8 @@ class ManipulatorConfig:
     # objective solved for this image alone, M unused). 0 steps = M alone, one forward pass.
     # Measured in docs/cvlm.md: both reach the edited report on every held-out edit; from zero the
     # change lands on the finding more often (committed demo: pointing 0.96 vs 0.69), but on the
-    # shortcut generator it edits the heart, not the planted marker the generator reads (marker 2
-    # of 24 vs 20 of 24 from M's residual), which is why M's residual is the default start.
+    # shortcut generator it rarely lands on the planted marker the generator reads (2 of 24 vs 20
+    # of 24 from M's residual), which is why M's residual is the default start.
     refine_steps: int = 200
     refine_lr: float = 5e-3
     refine_init: str = "manipulator"
