@@ -76,10 +76,11 @@ def explain(
     ),
 ) -> None:
     """Explain the saved generator's report of IMAGE under an edit: writes x', |x' - x| and the report change."""
+    import dataclasses
+
     import torch
 
     from .data import load_image
-    from .manipulator import REFINE_INITS
     from .pipeline import load_generator, load_manipulator
     from .report import save_png
     from .reports import label_report, parse_edit, write_report
@@ -87,14 +88,12 @@ def explain(
     _threads(threads)
     gen = load_generator(model / "generator.pt")
     manip = load_manipulator(model / "manipulator.pt")
-    if refine_steps is not None:
-        if refine_steps < 0:
-            raise UserError("--refine-steps", f"expected a number >= 0, got {refine_steps}")
-        manip.cfg.refine_steps = refine_steps
-    if refine_init is not None:
-        if refine_init not in REFINE_INITS:
-            raise UserError("--refine-init", f"expected one of {', '.join(REFINE_INITS)}, got {refine_init!r}")
-        manip.cfg.refine_init = refine_init
+    overrides = {k: v for k, v in (("refine_steps", refine_steps), ("refine_init", refine_init)) if v is not None}
+    try:  # ManipulatorConfig validates its own fields ("<field>: expected ...")
+        manip.cfg = dataclasses.replace(manip.cfg, **overrides)
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise UserError("--" + field.replace("_", "-"), message) from None
     _out_dir(out, overwrite, ("explanation.json",))
     x = torch.from_numpy(load_image(image, gen.cfg.image_size))[None, None]
     t = gen.generate(x)[0]

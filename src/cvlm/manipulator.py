@@ -60,7 +60,7 @@ class ManipulatorConfig:
 
     def __post_init__(self) -> None:
         if self.refine_init not in REFINE_INITS:
-            raise ValueError(f"refine_init: expected one of {REFINE_INITS}, got {self.refine_init!r}")
+            raise ValueError(f"refine_init: expected one of {', '.join(REFINE_INITS)}, got {self.refine_init!r}")
         if self.refine_steps < 0:
             raise ValueError(f"refine_steps: expected a number >= 0, got {self.refine_steps}")
 

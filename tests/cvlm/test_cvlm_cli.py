@@ -82,6 +82,9 @@ def test_phantom_data_check_and_explain(demo_dir, tmp_path, capsys):
     code, _, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
                         "--out", str(ex), "--overwrite", "--refine-steps", "0"], capsys)  # fmt: skip
     assert code == 0 and json.loads((ex / "explanation.json").read_text())["refine_steps"] == 0
+    code, _, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
+                        "--out", str(ex), "--overwrite", "--refine-steps", "-1"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: --refine-steps: expected a number >= 0") and err.count("\n") == 1
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
