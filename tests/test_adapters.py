@@ -278,10 +278,10 @@ def test_masked_down_projection_matches_autograd_of_the_plain_formula():
 
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("read_phi", [False, True])
-def test_fused_lora_linear_matches_autograd_of_the_plain_formula(dropout, bias, read_phi):
+@pytest.mark.parametrize("read", ["out", "both", "phi"])
+def test_fused_lora_linear_matches_autograd_of_the_plain_formula(dropout, bias, read):
     """The one-node layer (grad_x = g (W0 + s B A) without dropout) against the textbook formula,
-    to second order (MeTA-LoRA), with and without a loss on phi (Align-LoRA)."""
+    to second order (MeTA-LoRA), with and without a loss on phi (Align-LoRA), and with phi alone."""
     from mtlora.adapters.lora import _FusedLoraLinear
 
     torch.manual_seed(0)
@@ -295,18 +295,46 @@ def test_fused_lora_linear_matches_autograd_of_the_plain_formula(dropout, bias, 
 
     def fused(xx, ww, aa, bb, *bias_):
         out, phi = _FusedLoraLinear.apply(xx, keep, ww, bias_[0] if bias_ else None, aa, bb, 0.7, rescale)
-        return (out, phi) if read_phi else out
+        return {"out": out, "both": (out, phi), "phi": phi}[read]
 
     args = (x, w0, a, b, *bs)
     kept = x if keep is None else x * keep
     phi = torch.nn.functional.linear(kept, a) * rescale
     plain = torch.nn.functional.linear(x, w0, bs[0] if bias else None) + 0.7 * torch.nn.functional.linear(phi, b)
     out = fused(*args)
-    torch.testing.assert_close(out[0] if read_phi else out, plain)
-    if read_phi:
-        torch.testing.assert_close(out[1], phi)
+    expected = {"out": plain, "both": (plain, phi), "phi": phi}[read]
+    torch.testing.assert_close(out, expected)
     assert torch.autograd.gradcheck(fused, args)
     assert torch.autograd.gradgradcheck(fused, args)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_backward_forms_no_extra_input_wide_product(dropout):
+    """Without dropout (and phi unread) the input gradient is one GEMM against W0 + s B A: the
+    backward issues no second tokens x d_in product for the adapter's share. The test fails if an
+    unread phi's gradient arrives as zeros instead of None (that silently costs the slow path)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mtlora.adapters.lora import LoraConfig, LoraLinear
+
+    layer = LoraLinear(torch.nn.Linear(12, 20, bias=False), LoraConfig(r=4, dropout=dropout)).train()
+    layer.base_layer.weight.requires_grad_(False)
+    x = torch.randn(64, 12, requires_grad=True)
+
+    class WideProducts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape == x.shape:
+                WideProducts.count += 1
+            return out
+
+    y = layer(x)
+    with WideProducts():
+        y.pow(2).sum().backward()
+    assert WideProducts.count == (1 if dropout == 0 else 2)
+    assert x.grad is not None and layer.lora_A.weight.grad is not None
 
 
 @ARCHS

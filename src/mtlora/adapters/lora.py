@@ -256,12 +256,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         out.addmm_(z, b.mT, alpha=scale)
         ctx.save_for_backward(x, keep, w0, a, b, z)
         ctx.scale, ctx.rescale = scale, rescale
+        ctx.set_materialize_grads(False)  # phi is usually unused: a zero g_phi would cost the W_eff path
         return out.reshape(*x.shape[:-1], w0.shape[0]), z.reshape(*x.shape[:-1], a.shape[0])
 
     @staticmethod
     def backward(ctx, g, g_phi):
         x, keep, w0, a, b, z = ctx.saved_tensors
         s, rescale = ctx.scale, ctx.rescale
+        if g is None:  # only phi reached the loss (rare): the output's gradient is zero
+            g = x.new_zeros(*x.shape[:-1], w0.shape[0])
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         k2 = None if keep is None else keep.reshape(x2.shape)
