@@ -54,6 +54,11 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
     gradient_checkpointing: bool = False
+    retain_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "keep freed memory in the process (glibc mallopt): no page faults on "
+                  "re-allocated activations, at the cost of holding the peak working set"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum"):
