@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -312,9 +313,11 @@ def test_fused_lora_linear_matches_autograd_of_the_plain_formula(dropout, bias, 
 def test_fused_backward_forms_no_extra_input_wide_product(dropout):
     """Without dropout (and phi unread) the input gradient is one GEMM against W0 + s B A: the
     backward issues no second tokens x d_in product for the adapter's share. The test fails if an
-    unread phi's gradient arrives as zeros instead of None (that silently costs the slow path)."""
+    unread phi's gradient arrives as zeros instead of None (that silently costs the slow path).
+    With dropout the C kernel adds the masked share in place (without it: a second product)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from mtlora.adapters import kernels
     from mtlora.adapters.lora import LoraConfig, LoraLinear
 
     layer = LoraLinear(torch.nn.Linear(12, 20, bias=False), LoraConfig(r=4, dropout=dropout)).train()
@@ -333,7 +336,7 @@ def test_fused_backward_forms_no_extra_input_wide_product(dropout):
     y = layer(x)
     with WideProducts():
         y.pow(2).sum().backward()
-    assert WideProducts.count == (1 if dropout == 0 else 2)
+    assert WideProducts.count == (1 if dropout == 0 or kernels.library() is not None else 2)
     assert x.grad is not None and layer.lora_A.weight.grad is not None
 
 
@@ -381,3 +384,81 @@ def test_dropout_masks_replay_under_activation_checkpointing(arch):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_hash_keep_mask_c_and_numpy_agree_and_look_like_bernoulli():
+    """The C kernel's mask and its numpy twin are the same bits (machines without a compiler train
+    with the same masks); the bits are an unbiased Bernoulli draw, with no correlation between
+    neighbouring elements, and a different seed gives a different mask."""
+    from mtlora.adapters import kernels
+
+    n, drop16 = 1_000_003, 3277
+    for seed in (0, 12345, 2**61 + 7):
+        ref = kernels.keep_mask_numpy(n, seed, drop16)
+        if kernels.library() is not None:
+            assert np.array_equal(kernels.keep_mask((n,), seed, drop16).numpy(), ref)
+        dropped = 1 - ref.astype(np.float64)
+        p = drop16 / 65536
+        assert abs(dropped.mean() - p) < 4 * (p * (1 - p) / n) ** 0.5
+        both = (dropped[:-1] * dropped[1:]).mean()  # neighbours: P(both dropped) = p^2
+        assert abs(both - p * p) < 4 * (p * p / n) ** 0.5
+        rows = dropped[: 1000 * 1000].reshape(1000, 1000)
+        assert abs((rows[:-1] * rows[1:]).mean() - p * p) < 4 * (p * p / 1e6) ** 0.5  # next row, same column
+    assert not np.array_equal(kernels.keep_mask_numpy(n, 1, drop16), kernels.keep_mask_numpy(n, 2, drop16))
+    assert not np.array_equal(kernels.keep_mask_numpy(n, 1, drop16), kernels.keep_mask_numpy(n, 1 + 2**32, drop16))
+
+
+@pytest.mark.parametrize("rank", [8, 3, 16])
+@pytest.mark.parametrize("rows", [7, 64])
+def test_masked_down_kernel_matches_the_torch_formula(rank, rows):
+    """The C kernel's forward (rescale * A (x * m)) and backward (grad_A, grad_x += (gz A) * m)
+    against torch ops over the same mask: specialised ranks (8, 16) and the generic loop (3), an
+    odd number of rows (the kernel pairs rows), a width that is not a multiple of 16."""
+    from mtlora.adapters import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the torch path is used (and tested) instead")
+    torch.manual_seed(0)
+    d, seed, drop16 = 37, 99, 9000
+    x, a, gz = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank)
+    grad_x = torch.randn(rows, d)
+    m = kernels.keep_mask((rows, d), seed, drop16).float()
+    z = kernels.masked_down(x, a, seed, drop16, 1.3)
+    torch.testing.assert_close(z, 1.3 * (x * m) @ a.T, atol=1e-5, rtol=1e-5)
+    expected_gx = grad_x + (gz @ a) * m
+    grad_a = kernels.masked_down_backward(x, a, gz, grad_x, seed, drop16)
+    torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_x, expected_gx, atol=1e-5, rtol=1e-5)
+
+
+@ARCHS
+def test_dropout_training_is_the_same_with_and_without_the_kernel(arch, monkeypatch):
+    """With dropout on, the one-node layer (C kernel, mask from the seed), the one-node layer on
+    torch ops (MTLORA_KERNELS=0: the mask materialised from the same seed) and the two-node form
+    (a forward hook on the frozen layer) give the same logits and gradients for the same seed."""
+    from mtlora.adapters import kernels
+    from mtlora.adapters.lora import LoraLinear
+
+    results = []
+    for variant in ("kernel", "torch", "two_node"):
+        kernels.library.cache_clear()
+        monkeypatch.setenv("MTLORA_KERNELS", "0" if variant == "torch" else "1")
+        model, tok = tiny_model(arch)
+        _lora(model, dropout=0.2)
+        _randomise_b(model)
+        model.train()
+        if variant == "two_node":
+            for m in model.modules():
+                if isinstance(m, LoraLinear):
+                    m.base_layer.register_forward_hook(lambda mod, inp, out: None)
+        torch.manual_seed(5)
+        out = model(**_ids(tok)).logits
+        out.float().pow(2).mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    kernels.library.cache_clear()
+    (o1, g1), *others = results
+    for o2, g2 in others:
+        torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-4)
+        assert g1.keys() == g2.keys() and g1
+        for k in g1:
+            torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4)

@@ -30,11 +30,11 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlora.adapters import kernels
 from mtlora.adapters.context import current_context
 from mtlora.errors import UserError
 
@@ -85,28 +85,32 @@ class LoraConfig:
         return {f.name for f in fields(cls)}
 
 
+def dropout_draw(p: float) -> tuple[int, int, float]:
+    """One dropout draw for one layer: ``(seed, drop16, rescale)``.
+
+    The mask itself is a function of ``seed`` (``kernels.keep_mask``: element i is dropped when the
+    top 16 bits of a keyed hash of i fall below ``drop16 = round(p * 65536)``, an exact Bernoulli
+    draw with ``p`` realised to 1/65536, 0.05 -> 0.0500031, rescaled by that realised rate). The
+    seed comes from torch's generator, so ``torch.manual_seed`` fixes the masks, checkpoints
+    restore them (the trainer saves torch's RNG state) and activation checkpointing replays them;
+    a layer can keep 8 bytes of seed for backward instead of a mask (``_FusedLoraLinear``).
+    """
+    drop16 = round(p * 65536)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    return seed, drop16, 65536.0 / (65536 - drop16)
+
+
 def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """A Bernoulli keep mask shaped like ``x`` (bool) and the rescale ``1 / (1 - p)`` it needs.
 
-    The adapter's dropout runs on the full ``d_in``-wide input of every adapted layer (210 masks per
-    SmolLM2 step), so drawing the mask is a visible share of a CPU training step. On CPU we draw
-    16 random bits per element with numpy's SFC64 (4 elements per 64-bit draw) and compare them in
-    numpy (the whole draw took 0.78 ms per 1024 x 1536 mask vs 1.43 ms with the compare in torch):
-    0.20x the time of ``torch.rand(...) >= p``, which spends a full float per element
-    (``benchmarks/adapter_kernels.py``, 1 thread)
-    and keep the element when its bits are at or above ``round(p * 65536)``: an exact Bernoulli draw with ``p`` realised to 1/65536
-    (0.05 -> 0.0500031), rescaled by that realised rate. The SFC64 seed is drawn from torch's
-    generator, so ``torch.manual_seed`` fixes the masks, checkpoints restore them (the trainer saves
-    torch's RNG state) and activation checkpointing replays them. Elsewhere ``torch.rand`` is used.
+    On CPU the mask comes from ``dropout_draw`` (see there; 0.2 ms per 1024 x 576 mask with the C
+    kernel, vs 0.3 ms for numpy's SFC64 and 2.0 ms for ``torch.rand(...) >= p``,
+    ``/tmp``-free figures in docs/performance.md); elsewhere ``torch.rand`` is used.
     """
     if x.device.type != "cpu":
         return torch.rand_like(x, dtype=torch.float32) >= p, 1.0 / (1.0 - p)
-    drop = round(p * 65536)
-    n = x.numel()
-    seed = int(torch.randint(0, 2**62, (1,)))
-    bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
-    keep = torch.from_numpy(bits >= drop - 32768).view(x.shape)
-    return keep, 65536.0 / (65536 - drop)
+    seed, drop16, rescale = dropout_draw(p)
+    return kernels.keep_mask(x.shape, seed, drop16).view(torch.bool), rescale
 
 
 class InputDropout(nn.Dropout):
@@ -238,7 +242,10 @@ class _FusedLoraLinear(torch.autograd.Function):
     docs/performance.md), about the run-to-run noise on CPU. Here, without dropout, ``grad_x = g (W0 + s B A)``: one
     GEMM against a weight-sized matrix, the same work as the frozen layer alone (the dense
     ``B A`` costs ``d_out x d_in x r`` flops, a ``tokens / r`` fraction of that GEMM). With dropout
-    the adapter's share is masked and accumulated in place. ``python benchmarks/train_step.py``
+    the adapter's share is masked and accumulated in place. Dropout comes as an explicit uint8
+    ``keep`` mask, or as ``seed`` / ``drop16`` (``dropout_draw``): then, for float32 on CPU, the C
+    kernel (``kernels.py``) forms ``A (x * m)`` and its gradients with the mask recomputed from the
+    seed, and backward keeps 8 bytes instead of a mask. ``python benchmarks/train_step.py``
     measures the step; ``LoraLinear.forward`` falls back to the two-node form wherever this one
     would change behaviour (hooks on the frozen layer, autocast, stacked adapters). The choice never
     depends on ``capture``: activation checkpointing recomputes a block without the context, and
@@ -246,12 +253,19 @@ class _FusedLoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, keep, w0, bias, a, b, scale: float, rescale: float):
+    def forward(ctx, x, keep, w0, bias, a, b, scale: float, rescale: float, seed: int | None = None, drop16: int = 0):
         x2 = x.reshape(-1, x.shape[-1])
-        xk = x2 if keep is None else x2 * keep.reshape(x2.shape)
-        z = (a @ xk.mT).mT  # an r-row GEMM: 0.6x the time of xk @ a.mT on CPU BLAS (adapter_kernels.py)
-        if rescale != 1.0:
-            z.mul_(rescale)
+        ctx.seed, ctx.drop16 = None, drop16
+        if seed is not None and kernels.usable(x2, a):
+            z = kernels.masked_down(x2, a, seed, drop16, rescale)
+            ctx.seed = seed
+        else:
+            if seed is not None:
+                keep = kernels.keep_mask(x.shape, seed, drop16)
+            xk = x2 if keep is None else x2 * keep.reshape(x2.shape)
+            z = (a @ xk.mT).mT  # an r-row GEMM: 0.6x the time of xk @ a.mT on CPU BLAS (adapter_kernels.py)
+            if rescale != 1.0:
+                z.mul_(rescale)
         out = torch.addmm(bias, x2, w0.mT) if bias is not None else x2 @ w0.mT
         out.addmm_(z, b.mT, alpha=scale)
         ctx.save_for_backward(x, keep, w0, a, b, z)
@@ -267,6 +281,9 @@ class _FusedLoraLinear(torch.autograd.Function):
             g = x.new_zeros(*x.shape[:-1], w0.shape[0])
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        in_kernel = ctx.seed is not None and not torch.is_grad_enabled()  # second order: the torch formula
+        if ctx.seed is not None and not in_kernel:
+            keep = kernels.keep_mask(x.shape, ctx.seed, ctx.drop16)
         k2 = None if keep is None else keep.reshape(x2.shape)
         grad_x = grad_a = grad_b = grad_w0 = grad_bias = None
         need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
@@ -276,7 +293,12 @@ class _FusedLoraLinear(torch.autograd.Function):
             if g_phi is not None:
                 gz = gz + g_phi.reshape(gz.shape)
             gz = gz * rescale
-        if ctx.needs_input_grad[0]:
+        if in_kernel and need_z:  # grad_A and the masked share of grad_x in one pass, the mask from the seed
+            grad_x = g2 @ w0 if ctx.needs_input_grad[0] else torch.zeros_like(x2)
+            grad_a = kernels.masked_down_backward(x2, a, gz, grad_x, ctx.seed, ctx.drop16)
+            grad_x = grad_x.reshape(x.shape) if ctx.needs_input_grad[0] else None
+            grad_a = grad_a if ctx.needs_input_grad[4] else None
+        elif ctx.needs_input_grad[0]:
             if k2 is None and g_phi is None:
                 grad_x = g2 @ torch.addmm(w0, b, a, alpha=s * rescale)
             else:
@@ -286,7 +308,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                 else:
                     grad_x.addcmul_(gz @ a, k2)
             grad_x = grad_x.reshape(x.shape)
-        if ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4] and grad_a is None and not in_kernel:
             grad_a = gz.mT @ (x2 if k2 is None else x2 * k2)
         if ctx.needs_input_grad[5]:
             if torch.is_grad_enabled():  # a second-order backward: z must be a function of x and A
@@ -296,7 +318,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_w0 = g2.mT @ x2
         if ctx.needs_input_grad[3]:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_w0, grad_bias, grad_a, grad_b, None, None
+        return grad_x, None, grad_w0, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 class LoraLinear(nn.Module):
@@ -334,10 +356,16 @@ class LoraLinear(nn.Module):
         if self.merged or self.disabled:
             return self.base_layer(x)
         if self._fusable(x):
-            keep, rescale = self.lora_dropout.keep_mask(x)
+            drop = self.lora_dropout
+            keep, seed, drop16, rescale = None, None, 0, 1.0
+            if drop.training and drop.p > 0:
+                if x.device.type == "cpu":  # the mask travels as its seed (C kernel, see _FusedLoraLinear)
+                    seed, drop16, rescale = dropout_draw(drop.p)
+                else:
+                    keep, rescale = drop.keep_mask(x)
             out, phi = _FusedLoraLinear.apply(
                 x, keep, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
-                self.scaling, rescale,
+                self.scaling, rescale, seed, drop16,
             )  # fmt: skip
             capture = current_context().capture
             if capture is not None:

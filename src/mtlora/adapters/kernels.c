@@ -1,0 +1,176 @@
+/* LoRA's dropout-masked down-projection on CPU, without a materialised mask or masked input.
+ *
+ *   forward:   z[t, j]      = rescale * sum_i A[j, i] * m[t, i] * x[t, i]
+ *   backward:  grad_A[j, i] = sum_t gz[t, j] * m[t, i] * x[t, i]
+ *              grad_x[t, i] += m[t, i] * sum_j gz[t, j] * A[j, i]     (in place, after g W0)
+ *
+ * m[t, i] is a Bernoulli keep bit recomputed from (seed, t * D + i) by a counter-based hash, so the
+ * backward regenerates the forward's mask instead of storing it, and the masked input x * m is only
+ * ever one row long (in L1). Row by row, single-threaded; compiled at first use by
+ * mtlora/adapters/kernels.py with -O3 -march=native (see there for why and for the numpy twin of
+ * the hash, which must stay bit-identical to keep_bit below).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline uint32_t mix32(uint32_t h) { /* "lowbias32" (C. Wellons' hash prospector) */
+    h ^= h >> 16;
+    h *= 0x7feb352dU;
+    h ^= h >> 15;
+    h *= 0x846ca68bU;
+    h ^= h >> 16;
+    return h;
+}
+
+/* 1.0f where element `idx` is kept: the top 16 bits of a two-round keyed hash >= drop16. */
+static inline float keep_bit(uint64_t idx, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    uint32_t h = mix32(mix32((uint32_t)idx ^ k1) ^ ((uint32_t)(idx >> 32) + k2));
+    return (h >> 16) >= drop16 ? 1.0f : 0.0f;
+}
+
+static void mask_row(float *m, int64_t d, uint64_t base, uint32_t k1, uint32_t k2, uint32_t drop16) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) m[i] = keep_bit(base + (uint64_t)i, k1, k2, drop16);
+}
+
+void keep_mask(uint8_t *out, int64_t n, uint32_t k1, uint32_t k2, uint32_t drop16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)keep_bit((uint64_t)i, k1, k2, drop16);
+}
+
+/* z for one row from its masked input xm: R accumulators of 16 lanes (registers), one pass over xm. */
+#define FORWARD_ROW_R(R)                                                                                      \
+    static void forward_row_##R(const float *a, const float *xm, int64_t d, float rescale, float *z) {        \
+        float acc[R][16];                                                                                    \
+        for (int j = 0; j < R; j++)                                                                          \
+            for (int l = 0; l < 16; l++) acc[j][l] = 0.0f;                                                   \
+        int64_t i0 = 0;                                                                                      \
+        for (; i0 + 16 <= d; i0 += 16)                                                                       \
+            for (int j = 0; j < R; j++)                                                                      \
+                for (int l = 0; l < 16; l++) acc[j][l] += a[j * d + i0 + l] * xm[i0 + l];                    \
+        for (int j = 0; j < R; j++) {                                                                        \
+            float sum = 0.0f;                                                                                \
+            for (int l = 0; l < 16; l++) sum += acc[j][l];                                                   \
+            for (int64_t i = i0; i < d; i++) sum += a[j * d + i] * xm[i];                                    \
+            z[j] = sum * rescale;                                                                            \
+        }                                                                                                    \
+    }
+FORWARD_ROW_R(4)
+FORWARD_ROW_R(8)
+FORWARD_ROW_R(16)
+
+static void forward_row_any(const float *a, const float *xm, int64_t d, int64_t r, float rescale, float *z) {
+    for (int64_t j = 0; j < r; j++) {
+        const float *aj = a + j * d;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < d; i++) acc += aj[i] * xm[i];
+        z[j] = acc * rescale;
+    }
+}
+
+int masked_down(const float *x, const float *a, float *z, int64_t t_rows, int64_t d, int64_t r,
+                float rescale, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    float *xm = (float *)malloc(sizeof(float) * (size_t)d);
+    if (!xm) return -1;
+    for (int64_t t = 0; t < t_rows; t++) {
+        const float *xt = x + t * d;
+        mask_row(xm, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) xm[i] *= xt[i];
+        switch (r) {
+        case 4: forward_row_4(a, xm, d, rescale, z + t * r); break;
+        case 8: forward_row_8(a, xm, d, rescale, z + t * r); break;
+        case 16: forward_row_16(a, xm, d, rescale, z + t * r); break;
+        default: forward_row_any(a, xm, d, r, rescale, z + t * r);
+        }
+    }
+    free(xm);
+    return 0;
+}
+
+/* Rows t0 and t1 (t1 may equal t0 with its gz zeroed: the odd last row). Each A / grad_A element is
+ * loaded once for both rows and the rows' gradient shares stay in registers: the loop over i
+ * vectorises with j unrolled inside it, which needs r known at compile time (R = 4, 8, 16, 32, the
+ * usual ranks); other ranks run the j-outer loop, which vectorises over i for any r. */
+#define BACKWARD_ROWS_R(R)                                                                                     \
+    static void backward_rows_##R(const float *a, float *grad_a, int64_t d, const float *m0, const float *m1, \
+                                  const float *xm0, const float *xm1, const float *h0, const float *h1,      \
+                                  float *gx0, float *gx1, float *s0b, float *s1b) {                          \
+        (void)s0b;                                                                                           \
+        (void)s1b;                                                                                           \
+        _Pragma("omp simd") for (int64_t i = 0; i < d; i++) {                                                \
+            float s0 = 0.0f, s1 = 0.0f;                                                                      \
+            const float v0 = xm0[i], v1 = xm1[i];                                                            \
+            for (int j = 0; j < R; j++) {                                                                    \
+                const float aji = a[j * d + i];                                                              \
+                grad_a[j * d + i] += h0[j] * v0 + h1[j] * v1;                                                \
+                s0 += h0[j] * aji;                                                                           \
+                s1 += h1[j] * aji;                                                                           \
+            }                                                                                                \
+            gx0[i] += m0[i] * s0;                                                                            \
+            gx1[i] += m1[i] * s1;                                                                            \
+        }                                                                                                    \
+    }
+BACKWARD_ROWS_R(4)
+BACKWARD_ROWS_R(8)
+BACKWARD_ROWS_R(16)
+BACKWARD_ROWS_R(32)
+
+static void backward_rows_any(const float *a, float *grad_a, int64_t d, int64_t r, const float *m0,
+                              const float *m1, const float *xm0, const float *xm1, const float *h0,
+                              const float *h1, float *gx0, float *gx1, float *s0, float *s1) {
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) s0[i] = s1[i] = 0.0f;
+    for (int64_t j = 0; j < r; j++) {
+        const float *aj = a + j * d;
+        float *gaj = grad_a + j * d;
+        const float g0 = h0[j], g1 = h1[j];
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) {
+            gaj[i] += g0 * xm0[i] + g1 * xm1[i];
+            s0[i] += g0 * aj[i];
+            s1[i] += g1 * aj[i];
+        }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) {
+        gx0[i] += m0[i] * s0[i];
+        gx1[i] += m1[i] * s1[i];
+    }
+}
+
+int masked_down_backward(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
+                         int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(d * 7 + r));
+    if (!buf) return -1;
+    float *m0 = buf, *m1 = buf + d, *xm0 = buf + 2 * d, *xm1 = buf + 3 * d, *spare = buf + 4 * d;
+    float *s0 = buf + 5 * d, *s1 = buf + 6 * d, *zero_g = buf + 7 * d;
+    memset(zero_g, 0, sizeof(float) * (size_t)r);
+    memset(grad_a, 0, sizeof(float) * (size_t)(r * d));
+    for (int64_t t = 0; t < t_rows; t += 2) {
+        const int two = t + 1 < t_rows;
+        const int64_t t1 = two ? t + 1 : t;
+        mask_row(m0, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
+        mask_row(m1, d, (uint64_t)t1 * (uint64_t)d, k1, k2, drop16);
+        const float *x0 = x + t * d, *x1 = x + t1 * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) {
+            xm0[i] = m0[i] * x0[i];
+            xm1[i] = m1[i] * x1[i];
+        }
+        if (!two) memset(spare, 0, sizeof(float) * (size_t)d);
+        const float *h0 = gz + t * r, *h1 = two ? gz + t1 * r : zero_g;
+        float *gx0 = grad_x + t * d, *gx1 = two ? grad_x + t1 * d : spare;
+        switch (r) {
+        case 4: backward_rows_4(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+        case 8: backward_rows_8(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+        case 16: backward_rows_16(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+        case 32: backward_rows_32(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+        default: backward_rows_any(a, grad_a, d, r, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1);
+        }
+    }
+    free(buf);
+    return 0;
+}

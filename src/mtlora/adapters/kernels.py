@@ -1,0 +1,153 @@
+"""A small C kernel for LoRA's dropout on CPU: the masked down-projection without a stored mask.
+
+Why: with dropout, every adapted layer draws a ``tokens x d_in`` Bernoulli mask, multiplies it
+into its input once in the forward and again in the backward (``A (x * m)`` and its gradients),
+and adds the masked share ``(gz A) * m`` to the input gradient: four full-width passes and a mask
+held until backward (1 byte per input element, ~150 MB per SmolLM2 step of 8 x 128 tokens). These
+were the largest item between our LoRA step and the frozen base's (``docs/performance.md``).
+``kernels.c`` does the same maths row by row with the masked row in L1, and recomputes the mask
+from ``(seed, element index)`` with a counter-based hash, so nothing mask-sized is ever stored.
+
+The mask is the same function of the seed everywhere: ``keep_mask`` (the C kernel or its numpy
+twin, bit-identical and tested to be) gives the mask the C kernel applies, so the plain formula,
+the two-node layer, float64 gradchecks and machines without a C compiler all see the same bits.
+
+Built at first use with the system C compiler (``cc -O3 -march=native``) into
+``$MTLORA_CACHE/kernels/`` (atomic rename; keyed by source, flags and CPU), then loaded with
+ctypes. Without a compiler, or with ``MTLORA_KERNELS=0``, the layer falls back to torch ops over
+``keep_mask`` (same masks, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fPIC", "-shared"]
+_I64, _U32, _F32 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
+_PTR = ctypes.c_void_p
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiled for: a library built on another CPU must not be reused."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (no compiler, not CPU x86/arm Linux-like, or MTLORA_KERNELS=0)."""
+    if os.environ.get("MTLORA_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    from mtlora.models import cache_dir
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"lora_dropout-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)  # atomic: a concurrent or interrupted build never leaves half a file
+        except (OSError, subprocess.SubprocessError):
+            Path(tmp).unlink(missing_ok=True)
+            return None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:
+        return None
+    lib.keep_mask.argtypes = [_PTR, _I64, _U32, _U32, _U32]
+    lib.masked_down.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _U32, _U32, _U32]
+    lib.masked_down_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _U32, _U32, _U32]
+    lib.masked_down.restype = lib.masked_down_backward.restype = ctypes.c_int
+    return lib
+
+
+def _keys(seed: int) -> tuple[int, int]:
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+
+
+def _mix32(h: np.ndarray) -> np.ndarray:
+    """numpy twin of ``mix32`` in kernels.c (uint32 arithmetic wraps the same way)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x7FEB352D)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x846CA68B)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def keep_mask_numpy(n: int, seed: int, drop16: int) -> np.ndarray:
+    """The keep bits of elements ``0 .. n-1`` (uint8), exactly as ``keep_bit`` in kernels.c."""
+    k1, k2 = _keys(seed)
+    idx = np.arange(n, dtype=np.uint64)
+    lo = idx.astype(np.uint32) ^ np.uint32(k1)
+    hi = (idx >> np.uint64(32)).astype(np.uint32) + np.uint32(k2)
+    h = _mix32(_mix32(lo) ^ hi)
+    return ((h >> np.uint32(16)) >= np.uint32(drop16)).astype(np.uint8)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], seed: int, drop16: int) -> torch.Tensor:
+    """The uint8 keep mask (1 = kept) for ``shape``, element i kept iff its hash's top 16 bits
+    are >= ``drop16``: an exact Bernoulli draw with ``P(drop) = drop16 / 65536``."""
+    n = int(np.prod(shape))
+    lib = library()
+    if lib is None:
+        return torch.from_numpy(keep_mask_numpy(n, seed, drop16)).view(shape)
+    out = torch.empty(shape, dtype=torch.uint8)
+    lib.keep_mask(out.data_ptr(), n, *_keys(seed), drop16)
+    return out
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernel can take these tensors (float32, CPU) and is built."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and library() is not None
+
+
+def masked_down(x2: torch.Tensor, a: torch.Tensor, seed: int, drop16: int, rescale: float) -> torch.Tensor:
+    """``rescale * (x2 * keep_mask(x2.shape, seed, drop16)) @ a.T`` for a 2-D float32 ``x2``."""
+    x2, a = x2.contiguous(), a.contiguous()
+    z = torch.empty(x2.shape[0], a.shape[0], dtype=x2.dtype)
+    rc = library().masked_down(x2.data_ptr(), a.data_ptr(), z.data_ptr(), x2.shape[0], x2.shape[1], a.shape[0],
+                               rescale, *_keys(seed), drop16)
+    if rc != 0:
+        raise MemoryError("masked_down: could not allocate a row buffer")
+    return z
+
+
+def masked_down_backward(
+    x2: torch.Tensor, a: torch.Tensor, gz: torch.Tensor, grad_x: torch.Tensor, seed: int, drop16: int
+) -> torch.Tensor:
+    """``grad_A = gz.T @ (x2 * m)``; adds ``(gz @ a) * m`` into ``grad_x`` (contiguous) in place."""
+    x2, a, gz = x2.contiguous(), a.contiguous(), gz.contiguous()
+    if not grad_x.is_contiguous():
+        raise ValueError("grad_x must be contiguous")
+    grad_a = torch.empty_like(a)
+    rc = library().masked_down_backward(
+        x2.data_ptr(), a.data_ptr(), gz.data_ptr(), grad_x.data_ptr(), grad_a.data_ptr(),
+        x2.shape[0], x2.shape[1], a.shape[0], *_keys(seed), drop16,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("masked_down_backward: could not allocate a row buffer")
+    return grad_a
