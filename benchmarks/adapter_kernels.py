@@ -1,4 +1,4 @@
-"""The two CPU kernels behind the LoRA step's speed, timed against what autograd / torch would do.
+"""The CPU kernels behind the LoRA step's speed, timed against what autograd / torch would do.
 
     python benchmarks/adapter_kernels.py          # 1024 tokens, r = 8, d_out 576 and 1536
 
@@ -7,10 +7,14 @@
 - forward of the down-projection ``x @ A.T`` vs ours ``(A @ x.T).T`` (``_FusedLoraLinear``)
 - an AdamW step over SmolLM2's 420 LoRA tensors: torch's default vs ``fused=True`` (the trainer's)
 - a dropout keep mask for a 1024 x 1536 input: ``torch.rand_like(x) >= p`` vs ``dropout_keep_mask``
-  (16 SFC64 bits per element), and applying it: ``x * keep`` with a bool vs a uint8 mask
+  (the keyed-hash mask of ``kernels.py``), and applying it: ``x * keep`` with a bool vs a uint8 mask
+- the dropout-masked down-projection, forward + backward (``z = A (x * m)``, ``grad_A``, the
+  masked share of ``grad_x``): torch ops over a drawn uint8 mask (the layer's path before the C
+  kernel) vs the C kernel with the mask recomputed from its seed (``kernels.masked_down*``)
 
 Median of 50 calls each, interleaved. Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
-"down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ..., "adamw_fused_over_default": ...}`` (below 1 = ours faster).
+"down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...,
+"dropout_down_kernel_over_torch": {...}, "adamw_fused_over_default": ...}`` (below 1 = ours faster).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 
 import torch
 
+from mtlora.adapters import kernels
 from mtlora.adapters.lora import dropout_keep_mask
 
 
@@ -69,6 +74,27 @@ def main() -> None:
     ms = median_ms({"bool": lambda: x * keep, "uint8": lambda: x * keep.view(torch.uint8)}, args.reps)
     print(f"x * keep: bool {ms['bool']:.3f} ms, uint8 {ms['uint8']:.3f} ms")
     result["apply_uint8_over_bool"] = round(ms["uint8"] / ms["bool"], 3)
+    if kernels.library() is not None:
+        result["dropout_down_kernel_over_torch"] = {}
+        for d_in in (576, 1536):
+            x, a = torch.randn(args.tokens, d_in), torch.randn(args.r, d_in)
+            gz, gx = torch.randn(args.tokens, args.r), torch.randn(args.tokens, d_in)
+
+            def torch_ops(x=x, a=a, gz=gz, gx=gx):
+                keep = dropout_keep_mask(x, 0.05)[0].view(torch.uint8)  # drawn in forward, kept for backward
+                z = (a @ (x * keep).t()).t()
+                grad_a = gz.t() @ (x * keep)
+                gx.addcmul_(gz @ a, keep)
+                return z, grad_a
+
+            def kernel(x=x, a=a, gz=gz, gx=gx):
+                z = kernels.masked_down(x, a, 7, 3277, 1.0)
+                return z, kernels.masked_down_backward(x, a, gz, gx, 7, 3277)
+
+            ms = median_ms({"torch": torch_ops, "kernel": kernel}, args.reps)
+            print(f"dropout down-projection fwd+bwd, d_in {d_in}: torch ops {ms['torch']:.3f} ms, "
+                  f"C kernel {ms['kernel']:.3f} ms")
+            result["dropout_down_kernel_over_torch"][str(d_in)] = round(ms["kernel"] / ms["torch"], 3)
     # AdamW over SmolLM2's r = 8 adapter tensors on every linear layer (420 tensors, 4.9M values)
     shapes = [s for d_in, d_out in [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536),
                                     (1536, 576)] * 30 for s in ((args.r, d_in), (d_out, args.r))]  # fmt: skip

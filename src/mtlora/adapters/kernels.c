@@ -23,20 +23,46 @@ static inline uint32_t mix32(uint32_t h) { /* "lowbias32" (C. Wellons' hash pros
     return h;
 }
 
-/* 1.0f where element `idx` is kept: the top 16 bits of a two-round keyed hash >= drop16. */
-static inline float keep_bit(uint64_t idx, uint32_t k1, uint32_t k2, uint32_t drop16) {
-    uint32_t h = mix32(mix32((uint32_t)idx ^ k1) ^ ((uint32_t)(idx >> 32) + k2));
-    return (h >> 16) >= drop16 ? 1.0f : 0.0f;
+/* One hash per pair of elements: element idx is kept when the 16-bit half (low for even idx, high
+ * for odd) of the two-round keyed hash of idx / 2 is >= drop16. */
+static inline uint32_t pair_hash(uint64_t c, uint32_t k1, uint32_t k2) {
+    return mix32(mix32((uint32_t)c ^ k1) ^ ((uint32_t)(c >> 32) + k2));
 }
 
+static inline float keep_bit(uint64_t idx, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    uint32_t half = (pair_hash(idx >> 1, k1, k2) >> ((idx & 1) * 16)) & 0xFFFFU;
+    return half >= drop16 ? 1.0f : 0.0f;
+}
+
+/* m[i] = keep bit of element base + i: a lone leading / trailing element on its own, pairs in between
+ * (one hash for two elements; the pair loop vectorises). */
 static void mask_row(float *m, int64_t d, uint64_t base, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    int64_t i = 0;
+    if ((base & 1) && d > 0) {
+        m[0] = keep_bit(base, k1, k2, drop16);
+        i = 1;
+    }
+    const uint64_t c0 = (base + (uint64_t)i) >> 1;
+    const int64_t pairs = (d - i) / 2;
+    float *mp = m + i;
 #pragma omp simd
-    for (int64_t i = 0; i < d; i++) m[i] = keep_bit(base + (uint64_t)i, k1, k2, drop16);
+    for (int64_t c = 0; c < pairs; c++) {
+        const uint32_t h = pair_hash(c0 + (uint64_t)c, k1, k2);
+        mp[2 * c] = (h & 0xFFFFU) >= drop16 ? 1.0f : 0.0f;
+        mp[2 * c + 1] = (h >> 16) >= drop16 ? 1.0f : 0.0f;
+    }
+    for (i += 2 * pairs; i < d; i++) m[i] = keep_bit(base + (uint64_t)i, k1, k2, drop16);
 }
 
 void keep_mask(uint8_t *out, int64_t n, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    const int64_t pairs = n / 2;
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) out[i] = (uint8_t)keep_bit((uint64_t)i, k1, k2, drop16);
+    for (int64_t c = 0; c < pairs; c++) {
+        const uint32_t h = pair_hash((uint64_t)c, k1, k2);
+        out[2 * c] = (h & 0xFFFFU) >= drop16;
+        out[2 * c + 1] = (h >> 16) >= drop16;
+    }
+    if (n & 1) out[n - 1] = (uint8_t)keep_bit((uint64_t)(n - 1), k1, k2, drop16);
 }
 
 /* z for one row from its masked input xm: R accumulators of 16 lanes (registers), one pass over xm. */

@@ -99,13 +99,17 @@ def _mix32(h: np.ndarray) -> np.ndarray:
 
 
 def keep_mask_numpy(n: int, seed: int, drop16: int) -> np.ndarray:
-    """The keep bits of elements ``0 .. n-1`` (uint8), exactly as ``keep_bit`` in kernels.c."""
+    """The keep bits of elements ``0 .. n-1`` (uint8), exactly as ``keep_bit`` in kernels.c: one
+    two-round keyed hash per pair of elements, its low 16 bits for the even one, high for the odd."""
     k1, k2 = _keys(seed)
-    idx = np.arange(n, dtype=np.uint64)
-    lo = idx.astype(np.uint32) ^ np.uint32(k1)
-    hi = (idx >> np.uint64(32)).astype(np.uint32) + np.uint32(k2)
+    c = np.arange((n + 1) // 2, dtype=np.uint64)
+    lo = c.astype(np.uint32) ^ np.uint32(k1)
+    hi = (c >> np.uint64(32)).astype(np.uint32) + np.uint32(k2)
     h = _mix32(_mix32(lo) ^ hi)
-    return ((h >> np.uint32(16)) >= np.uint32(drop16)).astype(np.uint8)
+    halves = np.empty(2 * len(h), dtype=np.uint32)
+    halves[0::2] = h & np.uint32(0xFFFF)
+    halves[1::2] = h >> np.uint32(16)
+    return (halves[:n] >= np.uint32(drop16)).astype(np.uint8)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], seed: int, drop16: int) -> torch.Tensor:
