@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 static inline uint32_t mix32(uint32_t h) { /* "lowbias32" (C. Wellons' hash prospector) */
     h ^= h >> 16;
@@ -96,11 +99,46 @@ static void forward_row_any(const float *a, const float *xm, int64_t d, int64_t 
     }
 }
 
+#if defined(__AVX512F__)
+/* r = 8 with AVX-512, rows t and t+1 together: 16 accumulators, each A load serves both rows, the
+ * mask applied as the row is loaded (no masked copy of x). Masked loads take the row's tail. */
+static void forward_rows2_8(const float *a, const float *x0, const float *x1, const float *m0, const float *m1,
+                            int64_t d, float rescale, float *z0, float *z1) {
+    __m512 c0[8], c1[8];
+    for (int j = 0; j < 8; j++) c0[j] = c1[j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+        const __m512 v0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x0 + i), _mm512_maskz_loadu_ps(k, m0 + i));
+        const __m512 v1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x1 + i), _mm512_maskz_loadu_ps(k, m1 + i));
+        for (int j = 0; j < 8; j++) {
+            const __m512 aj = _mm512_maskz_loadu_ps(k, a + j * d + i);
+            c0[j] = _mm512_fmadd_ps(aj, v0, c0[j]);
+            c1[j] = _mm512_fmadd_ps(aj, v1, c1[j]);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        z0[j] = _mm512_reduce_add_ps(c0[j]) * rescale;
+        z1[j] = _mm512_reduce_add_ps(c1[j]) * rescale;
+    }
+}
+#endif
+
 int masked_down(const float *x, const float *a, float *z, int64_t t_rows, int64_t d, int64_t r,
                 float rescale, uint32_t k1, uint32_t k2, uint32_t drop16) {
-    float *xm = (float *)malloc(sizeof(float) * (size_t)d);
+    float *xm = (float *)malloc(sizeof(float) * (size_t)d * 2);
     if (!xm) return -1;
-    for (int64_t t = 0; t < t_rows; t++) {
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    if (r == 8) {
+        float *m1 = xm + d;
+        for (; t + 1 < t_rows; t += 2) {
+            mask_row(xm, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
+            mask_row(m1, d, (uint64_t)(t + 1) * (uint64_t)d, k1, k2, drop16);
+            forward_rows2_8(a, x + t * d, x + (t + 1) * d, xm, m1, d, rescale, z + t * r, z + (t + 1) * r);
+        }
+    }
+#endif
+    for (; t < t_rows; t++) {
         const float *xt = x + t * d;
         mask_row(xm, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
 #pragma omp simd
