@@ -462,3 +462,28 @@ def test_dropout_training_is_the_same_with_and_without_the_kernel(arch, monkeypa
         assert g1.keys() == g2.keys() and g1
         for k in g1:
             torch.testing.assert_close(g1[k], g2[k], atol=1e-5, rtol=1e-4)
+
+
+def test_kernel_build_is_cached_atomically_and_a_missing_compiler_falls_back(tmp_path, monkeypatch):
+    """The first use builds one library into $MTLORA_CACHE/kernels (no temp files left behind);
+    a compiler that cannot run means no kernel, not an error: the layer then uses torch ops."""
+    import shutil
+
+    from mtlora.adapters import kernels
+
+    monkeypatch.setenv("MTLORA_CACHE", str(tmp_path))
+    monkeypatch.delenv("MTLORA_KERNELS", raising=False)
+    try:
+        kernels.library.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        assert kernels.library() is None
+        assert list((tmp_path / "kernels").iterdir()) == []  # the failed build's temp file is gone
+        kernels.library.cache_clear()
+        if not (shutil.which("cc") or shutil.which("gcc")):
+            pytest.skip("no C compiler on this machine")
+        monkeypatch.delenv("CC")
+        assert kernels.library() is not None
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+    finally:
+        kernels.library.cache_clear()

@@ -205,6 +205,36 @@ static void backward_rows_any(const float *a, float *grad_a, int64_t d, int64_t 
     }
 }
 
+#if defined(__AVX512F__)
+/* r = 8 with AVX-512: the two rows' gz broadcast once, the masked inputs formed as they are loaded. */
+static void backward_rows2_8(const float *a, float *grad_a, int64_t d, const float *m0, const float *m1,
+                             const float *x0, const float *x1, const float *h0, const float *h1, float *gx0,
+                             float *gx1) {
+    __m512 b0[8], b1[8];
+    for (int j = 0; j < 8; j++) {
+        b0[j] = _mm512_set1_ps(h0[j]);
+        b1[j] = _mm512_set1_ps(h1[j]);
+    }
+    for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+        const __m512 k0 = _mm512_maskz_loadu_ps(k, m0 + i), k1 = _mm512_maskz_loadu_ps(k, m1 + i);
+        const __m512 v0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x0 + i), k0);
+        const __m512 v1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x1 + i), k1);
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            const __m512 aj = _mm512_maskz_loadu_ps(k, a + j * d + i);
+            __m512 ga = _mm512_maskz_loadu_ps(k, grad_a + j * d + i);
+            ga = _mm512_fmadd_ps(b1[j], v1, _mm512_fmadd_ps(b0[j], v0, ga));
+            _mm512_mask_storeu_ps(grad_a + j * d + i, k, ga);
+            s0 = _mm512_fmadd_ps(b0[j], aj, s0);
+            s1 = _mm512_fmadd_ps(b1[j], aj, s1);
+        }
+        _mm512_mask_storeu_ps(gx0 + i, k, _mm512_fmadd_ps(k0, s0, _mm512_maskz_loadu_ps(k, gx0 + i)));
+        _mm512_mask_storeu_ps(gx1 + i, k, _mm512_fmadd_ps(k1, s1, _mm512_maskz_loadu_ps(k, gx1 + i)));
+    }
+}
+#endif
+
 int masked_down_backward(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
                          int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2, uint32_t drop16) {
     float *buf = (float *)malloc(sizeof(float) * (size_t)(d * 7 + r));
@@ -219,6 +249,12 @@ int masked_down_backward(const float *x, const float *a, const float *gz, float 
         mask_row(m0, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
         mask_row(m1, d, (uint64_t)t1 * (uint64_t)d, k1, k2, drop16);
         const float *x0 = x + t * d, *x1 = x + t1 * d;
+#if defined(__AVX512F__)
+        if (r == 8 && two) {
+            backward_rows2_8(a, grad_a, d, m0, m1, x0, x1, gz + t * r, gz + t1 * r, grad_x + t * d, grad_x + t1 * d);
+            continue;
+        }
+#endif
 #pragma omp simd
         for (int64_t i = 0; i < d; i++) {
             xm0[i] = m0[i] * x0[i];

@@ -103,9 +103,8 @@ def dropout_draw(p: float) -> tuple[int, int, float]:
 def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """A Bernoulli keep mask shaped like ``x`` (bool) and the rescale ``1 / (1 - p)`` it needs.
 
-    On CPU the mask comes from ``dropout_draw`` (see there; 0.2 ms per 1024 x 576 mask with the C
-    kernel, vs 0.3 ms for numpy's SFC64 and 2.0 ms for ``torch.rand(...) >= p``,
-    ``/tmp``-free figures in docs/performance.md); elsewhere ``torch.rand`` is used.
+    On CPU the mask comes from ``dropout_draw`` (see there; 0.12 ms per 1024 x 576 mask with the C
+    kernel vs 2.0 ms for ``torch.rand(...) >= p``, docs/performance.md); elsewhere ``torch.rand``.
     """
     if x.device.type != "cpu":
         return torch.rand_like(x, dtype=torch.float32) >= p, 1.0 / (1.0 - p)
