@@ -43,7 +43,8 @@ def _randomise_b(model, std=0.2):
 
 def _lora(model, **kw):
     kw.setdefault("target_modules", "all-linear")
-    return inject_adapters(model, make_adapter_config("lora", r=4, alpha=8, **kw))
+    kw.setdefault("r", 4)
+    return inject_adapters(model, make_adapter_config("lora", alpha=8, **kw))
 
 
 @ARCHS
@@ -432,10 +433,12 @@ def test_masked_down_kernel_matches_the_torch_formula(rank, rows):
 
 
 @ARCHS
-def test_dropout_training_is_the_same_with_and_without_the_kernel(arch, monkeypatch):
-    """With dropout on, the one-node layer (C kernel, mask from the seed), the one-node layer on
-    torch ops (MTLORA_KERNELS=0: the mask materialised from the same seed) and the two-node form
-    (a forward hook on the frozen layer) give the same logits and gradients for the same seed."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_training_is_the_same_with_and_without_the_kernels(arch, dropout, monkeypatch):
+    """The one-node layer with the C kernels (r = 8: the AVX-512 paths; the mask from the seed),
+    the one-node layer on torch ops (MTLORA_KERNELS=0: the mask materialised from the same seed)
+    and the two-node form (a forward hook on the frozen layer) give the same logits and
+    gradients for the same seed, with and without dropout."""
     from mtlora.adapters import kernels
     from mtlora.adapters.lora import LoraLinear
 
@@ -444,7 +447,7 @@ def test_dropout_training_is_the_same_with_and_without_the_kernel(arch, monkeypa
         kernels.library.cache_clear()
         monkeypatch.setenv("MTLORA_KERNELS", "0" if variant == "torch" else "1")
         model, tok = tiny_model(arch)
-        _lora(model, dropout=0.2)
+        _lora(model, dropout=dropout, r=8)
         _randomise_b(model)
         model.train()
         if variant == "two_node":
@@ -487,3 +490,21 @@ def test_kernel_build_is_cached_atomically_and_a_missing_compiler_falls_back(tmp
         assert len(built) == 1 and built[0].suffix == ".so"
     finally:
         kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [7, 64])
+def test_up_backward_kernel_matches_blas(rows):
+    """``s g B`` and ``s g.T z`` from one pass over g equal the two BLAS products (r = 8, an odd
+    row count, a width that is not a multiple of 16); other ranks are declined, not mis-computed."""
+    from mtlora.adapters import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    g, b, z = torch.randn(rows, 37), torch.randn(37, 8), torch.randn(rows, 8)
+    out = kernels.up_backward(g, b, z, 0.7, 1.3)
+    if out is None:
+        pytest.skip("no AVX-512 on this CPU: BLAS is used")
+    torch.testing.assert_close(out[0], 0.7 * g @ b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], 1.3 * g.T @ z, atol=1e-5, rtol=1e-5)
+    assert kernels.up_backward(g, torch.randn(37, 4), torch.randn(rows, 4), 1.0, 1.0) is None

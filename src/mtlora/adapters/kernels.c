@@ -274,3 +274,46 @@ int masked_down_backward(const float *x, const float *a, const float *gz, float 
     free(buf);
     return 0;
 }
+
+/* The up-projection's two backward products in one pass over g (tokens x d_out), r = 8, AVX-512:
+ *   gz[t, j]     = scale_gz * sum_o g[t, o] * bt[j, o]      (bt = B.T, r x d_out, contiguous)
+ *   grad_bt[j, o] = scale_gb * sum_t z[t, j] * g[t, o]
+ * Returns -2 where it does not apply (another rank, no AVX-512): the caller uses BLAS then. */
+int up_backward(const float *g, const float *bt, const float *z, float *gz, float *grad_bt, int64_t t_rows,
+                int64_t d, int64_t r, float scale_gz, float scale_gb) {
+#if defined(__AVX512F__)
+    if (r != 8) return -2;
+    memset(grad_bt, 0, sizeof(float) * (size_t)(r * d));
+    int64_t t = 0;
+    for (; t < t_rows; t += 2) {
+        const int two = t + 1 < t_rows;
+        const float *g0 = g + t * d, *g1 = two ? g + (t + 1) * d : g0;
+        __m512 c0[8], c1[8], w0[8], w1[8];
+        for (int j = 0; j < 8; j++) {
+            c0[j] = c1[j] = _mm512_setzero_ps();
+            w0[j] = _mm512_set1_ps(z[t * 8 + j] * scale_gb);
+            w1[j] = _mm512_set1_ps(two ? z[(t + 1) * 8 + j] * scale_gb : 0.0f);
+        }
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+            const __m512 v0 = _mm512_maskz_loadu_ps(k, g0 + i), v1 = _mm512_maskz_loadu_ps(k, g1 + i);
+            for (int j = 0; j < 8; j++) {
+                const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + i);
+                c0[j] = _mm512_fmadd_ps(bj, v0, c0[j]);
+                c1[j] = _mm512_fmadd_ps(bj, v1, c1[j]);
+                __m512 gb = _mm512_maskz_loadu_ps(k, grad_bt + j * d + i);
+                gb = _mm512_fmadd_ps(w1[j], v1, _mm512_fmadd_ps(w0[j], v0, gb));
+                _mm512_mask_storeu_ps(grad_bt + j * d + i, k, gb);
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            gz[t * 8 + j] = _mm512_reduce_add_ps(c0[j]) * scale_gz;
+            if (two) gz[(t + 1) * 8 + j] = _mm512_reduce_add_ps(c1[j]) * scale_gz;
+        }
+    }
+    return 0;
+#else
+    (void)g, (void)bt, (void)z, (void)gz, (void)grad_bt, (void)t_rows, (void)d, (void)r, (void)scale_gz, (void)scale_gb;
+    return -2;
+#endif
+}

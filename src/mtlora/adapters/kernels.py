@@ -1,4 +1,5 @@
-"""A small C kernel for LoRA's dropout on CPU: the masked down-projection without a stored mask.
+"""Small C kernels for LoRA on CPU: the dropout-masked down-projection without a stored mask, and
+the up-projection's two backward products in one pass.
 
 Why: with dropout, every adapted layer draws a ``tokens x d_in`` Bernoulli mask, multiplies it
 into its input once in the forward and again in the backward (``A (x * m)`` and its gradients),
@@ -7,6 +8,8 @@ held until backward (1 byte per input element, ~150 MB per SmolLM2 step of 8 x 1
 were the largest item between our LoRA step and the frozen base's (``docs/performance.md``).
 ``kernels.c`` does the same maths row by row with the masked row in L1, and recomputes the mask
 from ``(seed, element index)`` with a counter-based hash, so nothing mask-sized is ever stored.
+For every LoRA layer, dropout or not, ``up_backward`` forms ``s g B`` and ``s g.T z`` reading the
+output gradient ``g`` once instead of twice (r = 8 with AVX-512; BLAS otherwise).
 
 The mask is the same function of the seed everywhere: ``keep_mask`` (the C kernel or its numpy
 twin, bit-identical and tested to be) gives the mask the C kernel applies, so the plain formula,
@@ -80,7 +83,8 @@ def library() -> ctypes.CDLL | None:
     lib.keep_mask.argtypes = [_PTR, _I64, _U32, _U32, _U32]
     lib.masked_down.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _U32, _U32, _U32]
     lib.masked_down_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _U32, _U32, _U32]
-    lib.masked_down.restype = lib.masked_down_backward.restype = ctypes.c_int
+    lib.up_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _F32]
+    lib.masked_down.restype = lib.masked_down_backward.restype = lib.up_backward.restype = ctypes.c_int
     return lib
 
 
@@ -155,3 +159,17 @@ def masked_down_backward(
     if rc != 0:
         raise MemoryError("masked_down_backward: could not allocate a row buffer")
     return grad_a
+
+
+def up_backward(
+    g2: torch.Tensor, b: torch.Tensor, z: torch.Tensor, scale_gz: float, scale_gb: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale_gz * g2 @ b, scale_gb * g2.T @ z)`` in one pass over ``g2`` (the up-projection's
+    backward), or None where the kernel does not apply (r != 8, no AVX-512): use BLAS then."""
+    g2, z = g2.contiguous(), z.contiguous()
+    bt = b.mT.contiguous()
+    gz = torch.empty(g2.shape[0], b.shape[1], dtype=g2.dtype)
+    grad_bt = torch.empty_like(bt)
+    rc = library().up_backward(g2.data_ptr(), bt.data_ptr(), z.data_ptr(), gz.data_ptr(), grad_bt.data_ptr(),
+                               g2.shape[0], g2.shape[1], b.shape[1], scale_gz, scale_gb)
+    return None if rc != 0 else (gz, grad_bt.mT.contiguous())

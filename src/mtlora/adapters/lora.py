@@ -287,11 +287,17 @@ class _FusedLoraLinear(torch.autograd.Function):
         grad_x = grad_a = grad_b = grad_w0 = grad_bias = None
         need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
         gz = None
+        fused_up = None  # (s rescale g B, s g.T z) in one pass over g (C kernel, first order only)
+        if need_z and ctx.needs_input_grad[5] and not torch.is_grad_enabled() and kernels.usable(g2, b, z):
+            fused_up = kernels.up_backward(g2, b, z.reshape(g2.shape[0], -1), s * rescale, s)
         if need_z:  # d loss / d ((x * keep) A.T): through the output, and through phi when a loss reads it
-            gz = _up_grad_z(g2, b, s)
-            if g_phi is not None:
-                gz = gz + g_phi.reshape(gz.shape)
-            gz = gz * rescale
+            if fused_up is not None:
+                gz = fused_up[0] if g_phi is None else fused_up[0] + g_phi.reshape(fused_up[0].shape) * rescale
+            else:
+                gz = _up_grad_z(g2, b, s)
+                if g_phi is not None:
+                    gz = gz + g_phi.reshape(gz.shape)
+                gz = gz * rescale
         if in_kernel and need_z:  # grad_A and the masked share of grad_x in one pass, the mask from the seed
             grad_x = g2 @ w0 if ctx.needs_input_grad[0] else torch.zeros_like(x2)
             grad_a = kernels.masked_down_backward(x2, a, gz, grad_x, ctx.seed, ctx.drop16)
@@ -309,7 +315,9 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape)
         if ctx.needs_input_grad[4] and grad_a is None and not in_kernel:
             grad_a = gz.mT @ (x2 if k2 is None else x2 * k2)
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[5] and fused_up is not None:
+            grad_b = fused_up[1]
+        elif ctx.needs_input_grad[5]:
             if torch.is_grad_enabled():  # a second-order backward: z must be a function of x and A
                 z = ((x2 if k2 is None else x2 * k2) @ a.mT) * rescale
             grad_b = _up_grad_b(z, g2, s)
