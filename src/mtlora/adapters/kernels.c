@@ -6,13 +6,18 @@
  *
  * m[t, i] is a Bernoulli keep bit recomputed from (seed, t * D + i) by a counter-based hash, so the
  * backward regenerates the forward's mask instead of storing it, and the masked input x * m is only
- * ever one row long (in L1). Row by row, single-threaded; compiled at first use by
- * mtlora/adapters/kernels.py with -O3 -march=native (see there for why and for the numpy twin of
- * the hash, which must stay bit-identical to keep_bit below).
+ * ever one row long (in L1). Rows are taken two at a time (each A element loaded serves both),
+ * pairs of rows are split over OpenMP threads: built with -fopenmp, this library binds to the
+ * libgomp.so.1 torch has already loaded, so it shares torch's threads and torch.set_num_threads.
+ * Compiled at first use by mtlora/adapters/kernels.py with -O3 -march=native (see there for why
+ * and for the numpy twin of the hash, which must stay bit-identical to keep_bit below).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -102,7 +107,7 @@ static void forward_row_any(const float *a, const float *xm, int64_t d, int64_t 
 #if defined(__AVX512F__)
 /* r = 8 with AVX-512, rows t and t+1 together: 16 accumulators, each A load serves both rows, the
  * mask applied as the row is loaded (no masked copy of x). Masked loads take the row's tail. */
-static void forward_rows2_8(const float *a, const float *x0, const float *x1, const float *m0, const float *m1,
+static inline __attribute__((always_inline)) void forward_rows2_8(const float *a, const float *x0, const float *x1, const float *m0, const float *m1,
                             int64_t d, float rescale, float *z0, float *z1) {
     __m512 c0[8], c1[8];
     for (int j = 0; j < 8; j++) c0[j] = c1[j] = _mm512_setzero_ps();
@@ -123,35 +128,84 @@ static void forward_rows2_8(const float *a, const float *x0, const float *x1, co
 }
 #endif
 
-int masked_down(const float *x, const float *a, float *z, int64_t t_rows, int64_t d, int64_t r,
-                float rescale, uint32_t k1, uint32_t k2, uint32_t drop16) {
-    float *xm = (float *)malloc(sizeof(float) * (size_t)d * 2);
-    if (!xm) return -1;
-    int64_t t = 0;
+static int n_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* n floats, zeroed, 64-byte aligned (a cache line: the AVX-512 loops read-modify-write rows of it;
+ * calloc's 16-byte alignment split those accesses across lines, 1.6x slower). NULL on failure. */
+static float *zeroed_floats(int64_t n) {
+    void *p = NULL;
+    size_t bytes = (sizeof(float) * (size_t)n + 63) & ~(size_t)63;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    memset(p, 0, bytes);
+    return (float *)p;
+}
+
+/* sum of n per-thread r x d partials into out (the threads' shares of grad_A / grad_B.T) */
+static void reduce_partials(float *out, const float *partials, int n, int64_t size) {
+    memcpy(out, partials, sizeof(float) * (size_t)size);
+    for (int p = 1; p < n; p++) {
+        const float *src = partials + (int64_t)p * size;
+#pragma omp simd
+        for (int64_t i = 0; i < size; i++) out[i] += src[i];
+    }
+}
+
+/* z for rows t and t + 1 (t + 1 < t_rows or the odd last row alone), m: 2 d floats of scratch. */
+static inline __attribute__((always_inline)) void forward_pair(const float *x, const float *a, float *z, int64_t t, int64_t t_rows, int64_t d,
+                         int64_t r, float rescale, uint32_t k1, uint32_t k2, uint32_t drop16, float *m) {
+    const int two = t + 1 < t_rows;
 #if defined(__AVX512F__)
-    if (r == 8) {
-        float *m1 = xm + d;
-        for (; t + 1 < t_rows; t += 2) {
-            mask_row(xm, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
-            mask_row(m1, d, (uint64_t)(t + 1) * (uint64_t)d, k1, k2, drop16);
-            forward_rows2_8(a, x + t * d, x + (t + 1) * d, xm, m1, d, rescale, z + t * r, z + (t + 1) * r);
-        }
+    if (r == 8 && two) {
+        mask_row(m, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
+        mask_row(m + d, d, (uint64_t)(t + 1) * (uint64_t)d, k1, k2, drop16);
+        forward_rows2_8(a, x + t * d, x + (t + 1) * d, m, m + d, d, rescale, z + t * r, z + (t + 1) * r);
+        return;
     }
 #endif
-    for (; t < t_rows; t++) {
-        const float *xt = x + t * d;
-        mask_row(xm, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
+    for (int64_t u = t; u < t + 1 + two; u++) {
+        const float *xu = x + u * d;
+        mask_row(m, d, (uint64_t)u * (uint64_t)d, k1, k2, drop16);
 #pragma omp simd
-        for (int64_t i = 0; i < d; i++) xm[i] *= xt[i];
+        for (int64_t i = 0; i < d; i++) m[i] *= xu[i];
         switch (r) {
-        case 4: forward_row_4(a, xm, d, rescale, z + t * r); break;
-        case 8: forward_row_8(a, xm, d, rescale, z + t * r); break;
-        case 16: forward_row_16(a, xm, d, rescale, z + t * r); break;
-        default: forward_row_any(a, xm, d, r, rescale, z + t * r);
+        case 4: forward_row_4(a, m, d, rescale, z + u * r); break;
+        case 8: forward_row_8(a, m, d, rescale, z + u * r); break;
+        case 16: forward_row_16(a, m, d, rescale, z + u * r); break;
+        default: forward_row_any(a, m, d, r, rescale, z + u * r);
         }
     }
-    free(xm);
-    return 0;
+}
+
+int masked_down(const float *x, const float *a, float *z, int64_t t_rows, int64_t d, int64_t r,
+                float rescale, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *m = zeroed_floats(d * 2);
+        if (!m) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < t_rows; t += 2)
+            if (m) forward_pair(x, a, z, t, t_rows, d, r, rescale, k1, k2, drop16, m);
+        free(m);
+    }
+    return failed ? -1 : 0;
 }
 
 /* Rows t0 and t1 (t1 may equal t0 with its gz zeroed: the odd last row). Each A / grad_A element is
@@ -207,7 +261,7 @@ static void backward_rows_any(const float *a, float *grad_a, int64_t d, int64_t 
 
 #if defined(__AVX512F__)
 /* r = 8 with AVX-512: the two rows' gz broadcast once, the masked inputs formed as they are loaded. */
-static void backward_rows2_8(const float *a, float *grad_a, int64_t d, const float *m0, const float *m1,
+static inline __attribute__((always_inline)) void backward_rows2_8(const float *a, float *grad_a, int64_t d, const float *m0, const float *m1,
                              const float *x0, const float *x1, const float *h0, const float *h1, float *gx0,
                              float *gx1) {
     __m512 b0[8], b1[8];
@@ -235,45 +289,95 @@ static void backward_rows2_8(const float *a, float *grad_a, int64_t d, const flo
 }
 #endif
 
-int masked_down_backward(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
-                         int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2, uint32_t drop16) {
-    float *buf = (float *)malloc(sizeof(float) * (size_t)(d * 7 + r));
-    if (!buf) return -1;
+/* grad_a (this thread's partial) and grad_x for rows t and t + 1; buf: 7 d + r floats of scratch. */
+static inline __attribute__((always_inline)) void backward_pair(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
+                          int64_t t, int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2,
+                          uint32_t drop16, float *buf) {
     float *m0 = buf, *m1 = buf + d, *xm0 = buf + 2 * d, *xm1 = buf + 3 * d, *spare = buf + 4 * d;
     float *s0 = buf + 5 * d, *s1 = buf + 6 * d, *zero_g = buf + 7 * d;
-    memset(zero_g, 0, sizeof(float) * (size_t)r);
-    memset(grad_a, 0, sizeof(float) * (size_t)(r * d));
-    for (int64_t t = 0; t < t_rows; t += 2) {
-        const int two = t + 1 < t_rows;
-        const int64_t t1 = two ? t + 1 : t;
-        mask_row(m0, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
-        mask_row(m1, d, (uint64_t)t1 * (uint64_t)d, k1, k2, drop16);
-        const float *x0 = x + t * d, *x1 = x + t1 * d;
+    const int two = t + 1 < t_rows;
+    const int64_t t1 = two ? t + 1 : t;
+    mask_row(m0, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
+    mask_row(m1, d, (uint64_t)t1 * (uint64_t)d, k1, k2, drop16);
+    const float *x0 = x + t * d, *x1 = x + t1 * d;
 #if defined(__AVX512F__)
-        if (r == 8 && two) {
-            backward_rows2_8(a, grad_a, d, m0, m1, x0, x1, gz + t * r, gz + t1 * r, grad_x + t * d, grad_x + t1 * d);
-            continue;
-        }
+    if (r == 8 && two) {
+        backward_rows2_8(a, grad_a, d, m0, m1, x0, x1, gz + t * r, gz + t1 * r, grad_x + t * d, grad_x + t1 * d);
+        return;
+    }
 #endif
 #pragma omp simd
-        for (int64_t i = 0; i < d; i++) {
-            xm0[i] = m0[i] * x0[i];
-            xm1[i] = m1[i] * x1[i];
+    for (int64_t i = 0; i < d; i++) {
+        xm0[i] = m0[i] * x0[i];
+        xm1[i] = m1[i] * x1[i];
+    }
+    memset(zero_g, 0, sizeof(float) * (size_t)r);
+    if (!two) memset(spare, 0, sizeof(float) * (size_t)d);
+    const float *h0 = gz + t * r, *h1 = two ? gz + t1 * r : zero_g;
+    float *gx0 = grad_x + t * d, *gx1 = two ? grad_x + t1 * d : spare;
+    switch (r) {
+    case 4: backward_rows_4(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+    case 8: backward_rows_8(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+    case 16: backward_rows_16(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+    case 32: backward_rows_32(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
+    default: backward_rows_any(a, grad_a, d, r, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1);
+    }
+}
+
+int masked_down_backward(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
+                         int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    const int n = n_threads();
+    float *partials = zeroed_floats((int64_t)n * r * d);
+    if (!partials) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(n)
+    {
+        float *buf = zeroed_floats(d * 7 + r);
+        float *mine = partials + (int64_t)thread_id() * r * d;
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
         }
-        if (!two) memset(spare, 0, sizeof(float) * (size_t)d);
-        const float *h0 = gz + t * r, *h1 = two ? gz + t1 * r : zero_g;
-        float *gx0 = grad_x + t * d, *gx1 = two ? grad_x + t1 * d : spare;
-        switch (r) {
-        case 4: backward_rows_4(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
-        case 8: backward_rows_8(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
-        case 16: backward_rows_16(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
-        case 32: backward_rows_32(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
-        default: backward_rows_any(a, grad_a, d, r, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < t_rows; t += 2)
+            if (buf) backward_pair(x, a, gz, grad_x, mine, t, t_rows, d, r, k1, k2, drop16, buf);
+        free(buf);
+    }
+    if (!failed) reduce_partials(grad_a, partials, n, r * d);
+    free(partials);
+    return failed ? -1 : 0;
+}
+
+#if defined(__AVX512F__)
+/* The up-projection's backward for rows t and t + 1 (r = 8): gz rows and this thread's grad_bt. */
+static inline __attribute__((always_inline)) void up_backward_pair(const float *g, const float *bt, const float *z, float *gz, float *grad_bt,
+                             int64_t t, int64_t t_rows, int64_t d, float scale_gz, float scale_gb) {
+    const int two = t + 1 < t_rows;
+    const float *g0 = g + t * d, *g1 = two ? g + (t + 1) * d : g0;
+    __m512 c0[8], c1[8], w0[8], w1[8];
+    for (int j = 0; j < 8; j++) {
+        c0[j] = c1[j] = _mm512_setzero_ps();
+        w0[j] = _mm512_set1_ps(z[t * 8 + j] * scale_gb);
+        w1[j] = _mm512_set1_ps(two ? z[(t + 1) * 8 + j] * scale_gb : 0.0f);
+    }
+    for (int64_t i = 0; i < d; i += 16) {
+        const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+        const __m512 v0 = _mm512_maskz_loadu_ps(k, g0 + i), v1 = _mm512_maskz_loadu_ps(k, g1 + i);
+        for (int j = 0; j < 8; j++) {
+            const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + i);
+            c0[j] = _mm512_fmadd_ps(bj, v0, c0[j]);
+            c1[j] = _mm512_fmadd_ps(bj, v1, c1[j]);
+            __m512 gb = _mm512_maskz_loadu_ps(k, grad_bt + j * d + i);
+            gb = _mm512_fmadd_ps(w1[j], v1, _mm512_fmadd_ps(w0[j], v0, gb));
+            _mm512_mask_storeu_ps(grad_bt + j * d + i, k, gb);
         }
     }
-    free(buf);
-    return 0;
+    for (int j = 0; j < 8; j++) {
+        gz[t * 8 + j] = _mm512_reduce_add_ps(c0[j]) * scale_gz;
+        if (two) gz[(t + 1) * 8 + j] = _mm512_reduce_add_ps(c1[j]) * scale_gz;
+    }
 }
+#endif
 
 /* The up-projection's two backward products in one pass over g (tokens x d_out), r = 8, AVX-512:
  *   gz[t, j]     = scale_gz * sum_o g[t, o] * bt[j, o]      (bt = B.T, r x d_out, contiguous)
@@ -283,34 +387,17 @@ int up_backward(const float *g, const float *bt, const float *z, float *gz, floa
                 int64_t d, int64_t r, float scale_gz, float scale_gb) {
 #if defined(__AVX512F__)
     if (r != 8) return -2;
-    memset(grad_bt, 0, sizeof(float) * (size_t)(r * d));
-    int64_t t = 0;
-    for (; t < t_rows; t += 2) {
-        const int two = t + 1 < t_rows;
-        const float *g0 = g + t * d, *g1 = two ? g + (t + 1) * d : g0;
-        __m512 c0[8], c1[8], w0[8], w1[8];
-        for (int j = 0; j < 8; j++) {
-            c0[j] = c1[j] = _mm512_setzero_ps();
-            w0[j] = _mm512_set1_ps(z[t * 8 + j] * scale_gb);
-            w1[j] = _mm512_set1_ps(two ? z[(t + 1) * 8 + j] * scale_gb : 0.0f);
-        }
-        for (int64_t i = 0; i < d; i += 16) {
-            const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
-            const __m512 v0 = _mm512_maskz_loadu_ps(k, g0 + i), v1 = _mm512_maskz_loadu_ps(k, g1 + i);
-            for (int j = 0; j < 8; j++) {
-                const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + i);
-                c0[j] = _mm512_fmadd_ps(bj, v0, c0[j]);
-                c1[j] = _mm512_fmadd_ps(bj, v1, c1[j]);
-                __m512 gb = _mm512_maskz_loadu_ps(k, grad_bt + j * d + i);
-                gb = _mm512_fmadd_ps(w1[j], v1, _mm512_fmadd_ps(w0[j], v0, gb));
-                _mm512_mask_storeu_ps(grad_bt + j * d + i, k, gb);
-            }
-        }
-        for (int j = 0; j < 8; j++) {
-            gz[t * 8 + j] = _mm512_reduce_add_ps(c0[j]) * scale_gz;
-            if (two) gz[(t + 1) * 8 + j] = _mm512_reduce_add_ps(c1[j]) * scale_gz;
-        }
+    const int n = n_threads();
+    float *partials = zeroed_floats((int64_t)n * r * d);
+    if (!partials) return -1;
+#pragma omp parallel num_threads(n)
+    {
+        float *mine = partials + (int64_t)thread_id() * r * d;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < t_rows; t += 2) up_backward_pair(g, bt, z, gz, mine, t, t_rows, d, scale_gz, scale_gb);
     }
+    reduce_partials(grad_bt, partials, n, r * d);
+    free(partials);
     return 0;
 #else
     (void)g, (void)bt, (void)z, (void)gz, (void)grad_bt, (void)t_rows, (void)d, (void)r, (void)scale_gz, (void)scale_gb;

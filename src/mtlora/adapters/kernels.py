@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 _SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fPIC", "-shared"]
 _I64, _U32, _F32 = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
 _PTR = ctypes.c_void_p
 
