@@ -508,3 +508,30 @@ def test_up_backward_kernel_matches_blas(rows):
     torch.testing.assert_close(out[0], 0.7 * g @ b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1], 1.3 * g.T @ z, atol=1e-5, rtol=1e-5)
     assert kernels.up_backward(g, torch.randn(37, 4), torch.randn(rows, 4), 1.0, 1.0) is None
+
+
+def test_kernels_built_without_avx512_agree_too(tmp_path, monkeypatch):
+    """The portable loops (what a CPU without AVX-512 runs) give the same results as torch: built
+    here with -mno-avx512f into a fresh cache; ``up_backward`` then declines (BLAS is used)."""
+    from mtlora.adapters import kernels
+
+    monkeypatch.setenv("MTLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_FLAGS", [*kernels._FLAGS, "-mno-avx512f"])
+    kernels.library.cache_clear()
+    try:
+        if kernels.library() is None:
+            pytest.skip("no C compiler")
+        torch.manual_seed(0)
+        for rank, rows in ((8, 9), (4, 6), (3, 5)):
+            d, seed, drop16 = 21, 5, 20000
+            x, a, gz, grad_x = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank), torch.randn(rows, d)
+            m = kernels.keep_mask((rows, d), seed, drop16).float()
+            torch.testing.assert_close(kernels.masked_down(x, a, seed, drop16, 0.9), 0.9 * (x * m) @ a.T,
+                                       atol=1e-5, rtol=1e-5)
+            expected_gx = grad_x + (gz @ a) * m
+            grad_a = kernels.masked_down_backward(x, a, gz, grad_x, seed, drop16)
+            torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grad_x, expected_gx, atol=1e-5, rtol=1e-5)
+        assert kernels.up_backward(torch.randn(4, 21), torch.randn(21, 8), torch.randn(4, 8), 1.0, 1.0) is None
+    finally:
+        kernels.library.cache_clear()

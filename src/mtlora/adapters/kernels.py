@@ -15,10 +15,12 @@ The mask is the same function of the seed everywhere: ``keep_mask`` (the C kerne
 twin, bit-identical and tested to be) gives the mask the C kernel applies, so the plain formula,
 the two-node layer, float64 gradchecks and machines without a C compiler all see the same bits.
 
-Built at first use with the system C compiler (``cc -O3 -march=native``) into
+Built at first use with the system C compiler (``cc -O3 -march=native -fopenmp``, ~1 s) into
 ``$MTLORA_CACHE/kernels/`` (atomic rename; keyed by source, flags and CPU), then loaded with
-ctypes. Without a compiler, or with ``MTLORA_KERNELS=0``, the layer falls back to torch ops over
-``keep_mask`` (same masks, slower).
+ctypes, which releases the GIL during the call. Its OpenMP regions bind to the ``libgomp.so.1``
+torch has already loaded (same soname), so they use torch's threads and follow
+``torch.set_num_threads``. Without a compiler, or with ``MTLORA_KERNELS=0``, the layer falls back
+to torch ops over ``keep_mask`` (same masks, slower).
 """
 
 from __future__ import annotations
