@@ -12,7 +12,8 @@
   masked share of ``grad_x``): torch ops over a drawn uint8 mask (the layer's path before the C
   kernel) vs the C kernel with the mask recomputed from its seed (``kernels.masked_down*``)
 
-Median of 50 calls each, interleaved. Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
+Median of 50 calls each, interleaved, under ``retain_freed_memory()`` as in the trainer (without it
+fresh outputs page-fault and the torch-op variants, which allocate more, look slower than they are). Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
 "down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...,
 "dropout_down_kernel_over_torch": {...}, "adamw_fused_over_default": ...}`` (below 1 = ours faster).
 """
@@ -28,6 +29,7 @@ import torch
 
 from mtlora.adapters import kernels
 from mtlora.adapters.lora import dropout_keep_mask
+from mtlora.train import retain_freed_memory
 
 
 def median_ms(fns: dict, reps: int) -> dict[str, float]:
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
+    retain_freed_memory()
     torch.manual_seed(0)
     result: dict = {"up_backward_ours_over_autograd": {}}
     for d_out in (576, 1536):

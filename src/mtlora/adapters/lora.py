@@ -236,9 +236,9 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     Why: with the frozen layer and the adapter as separate autograd nodes, backward forms the
     adapter's share of ``grad_x`` as its own ``tokens x d_in`` product and autograd then sums it
-    with the frozen layer's: extra full-width passes per adapted layer. The measured gain is small:
-    ~2 % of a SmolLM2 step (``fused_over_two_node`` 0.975-1.035 in ``benchmarks/train_step.py``,
-    docs/performance.md), about the run-to-run noise on CPU. Here, without dropout, ``grad_x = g (W0 + s B A)``: one
+    with the frozen layer's: extra full-width passes per adapted layer. Measured:
+    ``fused_over_two_node`` 0.94-0.99 in ``benchmarks/train_step.py`` (session 5, with the C
+    kernels, which only this form uses; docs/performance.md). Here, without dropout, ``grad_x = g (W0 + s B A)``: one
     GEMM against a weight-sized matrix, the same work as the frozen layer alone (the dense
     ``B A`` costs ``d_out x d_in x r`` flops, a ``tokens / r`` fraction of that GEMM). With dropout
     the adapter's share is masked and accumulated in place. Dropout comes as an explicit uint8
