@@ -57,8 +57,8 @@ def _cpu_signature() -> str:
 
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (no compiler, not CPU x86/arm Linux-like, or MTLORA_KERNELS=0)."""
-    if os.environ.get("MTLORA_KERNELS", "1") == "0":
+    """The compiled kernels, or None (MTLORA_KERNELS=0, no compiler, or the build failed)."""
+    if os.environ.get("MTLORA_KERNELS", "1") == "0" or not _SOURCE.exists():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

@@ -88,8 +88,8 @@ class LoraConfig:
 def dropout_draw(p: float) -> tuple[int, int, float]:
     """One dropout draw for one layer: ``(seed, drop16, rescale)``.
 
-    The mask itself is a function of ``seed`` (``kernels.keep_mask``: element i is dropped when the
-    top 16 bits of a keyed hash of i fall below ``drop16 = round(p * 65536)``, an exact Bernoulli
+    The mask itself is a function of ``seed`` (``kernels.keep_mask``: element i is dropped when its
+    16-bit half of a keyed hash of i // 2 falls below ``drop16 = round(p * 65536)``, an exact Bernoulli
     draw with ``p`` realised to 1/65536, 0.05 -> 0.0500031, rescaled by that realised rate). The
     seed comes from torch's generator, so ``torch.manual_seed`` fixes the masks, checkpoints
     restore them (the trainer saves torch's RNG state) and activation checkpointing replays them;
@@ -313,7 +313,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                 else:
                     grad_x.addcmul_(gz @ a, k2)
             grad_x = grad_x.reshape(x.shape)
-        if ctx.needs_input_grad[4] and grad_a is None and not in_kernel:
+        if ctx.needs_input_grad[4] and not in_kernel:
             grad_a = gz.mT @ (x2 if k2 is None else x2 * k2)
         if ctx.needs_input_grad[5] and fused_up is not None:
             grad_b = fused_up[1]
