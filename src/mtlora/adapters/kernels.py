@@ -86,6 +86,7 @@ def library() -> ctypes.CDLL | None:
     lib.masked_down.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _U32, _U32, _U32]
     lib.masked_down_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _U32, _U32, _U32]
     lib.up_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _F32]
+    lib.up_rank = lib.up_backward_rank()  # asked once: a declined call would still cost its copies
     lib.masked_down.restype = lib.masked_down_backward.restype = lib.up_backward.restype = ctypes.c_int
     return lib
 
@@ -168,6 +169,8 @@ def up_backward(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(scale_gz * g2 @ b, scale_gb * g2.T @ z)`` in one pass over ``g2`` (the up-projection's
     backward), or None where the kernel does not apply (r != 8, no AVX-512): use BLAS then."""
+    if b.shape[1] != library().up_rank:
+        return None
     g2, z = g2.contiguous(), z.contiguous()
     bt = b.mT.contiguous()
     gz = torch.empty(g2.shape[0], b.shape[1], dtype=g2.dtype)
