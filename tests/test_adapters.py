@@ -420,12 +420,15 @@ def test_masked_down_kernel_matches_the_torch_formula(rank, rows):
     if kernels.library() is None:
         pytest.skip("no C compiler: the torch path is used (and tested) instead")
     torch.manual_seed(0)
-    d, seed, drop16 = 37, 99, 9000
-    x, a, gz = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank)
-    grad_x = torch.randn(rows, d)
+    _check_masked_down(kernels, rank, rows, d=37, seed=99, drop16=9000, rescale=1.3)
+
+
+def _check_masked_down(kernels, rank: int, rows: int, d: int, seed: int, drop16: int, rescale: float) -> None:
+    """The C kernel's forward and backward against torch ops over ``keep_mask``'s bits."""
+    x, a, gz, grad_x = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank), torch.randn(rows, d)
     m = kernels.keep_mask((rows, d), seed, drop16).float()
-    z = kernels.masked_down(x, a, seed, drop16, 1.3)
-    torch.testing.assert_close(z, 1.3 * (x * m) @ a.T, atol=1e-5, rtol=1e-5)
+    z = kernels.masked_down(x, a, seed, drop16, rescale)
+    torch.testing.assert_close(z, rescale * (x * m) @ a.T, atol=1e-5, rtol=1e-5)
     expected_gx = grad_x + (gz @ a) * m
     grad_a = kernels.masked_down_backward(x, a, gz, grad_x, seed, drop16)
     torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
@@ -523,15 +526,7 @@ def test_kernels_built_without_avx512_agree_too(tmp_path, monkeypatch):
             pytest.skip("no C compiler")
         torch.manual_seed(0)
         for rank, rows in ((8, 9), (4, 6), (3, 5)):
-            d, seed, drop16 = 21, 5, 20000
-            x, a, gz, grad_x = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank), torch.randn(rows, d)
-            m = kernels.keep_mask((rows, d), seed, drop16).float()
-            torch.testing.assert_close(kernels.masked_down(x, a, seed, drop16, 0.9), 0.9 * (x * m) @ a.T,
-                                       atol=1e-5, rtol=1e-5)
-            expected_gx = grad_x + (gz @ a) * m
-            grad_a = kernels.masked_down_backward(x, a, gz, grad_x, seed, drop16)
-            torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(grad_x, expected_gx, atol=1e-5, rtol=1e-5)
+            _check_masked_down(kernels, rank, rows, d=21, seed=5, drop16=20000, rescale=0.9)
         assert kernels.up_backward(torch.randn(4, 21), torch.randn(21, 8), torch.randn(4, 8), 1.0, 1.0) is None
     finally:
         kernels.library.cache_clear()
