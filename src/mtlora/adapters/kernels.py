@@ -67,7 +67,7 @@ def library() -> ctypes.CDLL | None:
 
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"lora_dropout-{key}.so"
+    target = cache_dir() / "kernels" / f"lora_kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
