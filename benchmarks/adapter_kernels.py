@@ -10,7 +10,7 @@
   (the keyed-hash mask of ``kernels.py``), and applying it: ``x * keep`` with a bool vs a uint8 mask
 - the dropout-masked down-projection, forward + backward (``z = A (x * m)``, ``grad_A``, the
   masked share of ``grad_x``): torch ops over a drawn uint8 mask (the layer's path before the C
-  kernel) vs the C kernel with the mask recomputed from its seed (``kernels.masked_down*``)
+  kernel) vs the C kernel with the mask hashed from its seed and packed for backward (``kernels.masked_down*``)
 
 Median of 50 calls each, interleaved, under ``retain_freed_memory()`` as in the trainer (without it
 fresh outputs page-fault and the torch-op variants, which allocate more, look slower than they are). Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
@@ -91,8 +91,8 @@ def main() -> None:
                 return z, grad_a
 
             def kernel(x=x, a=a, gz=gz, gx=gx):
-                z = kernels.masked_down(x, a, 7, 3277, 1.0)
-                return z, kernels.masked_down_backward(x, a, gz, gx, 7, 3277)
+                z, bits = kernels.masked_down(x, a, 7, 3277, 1.0)  # the mask packed for backward
+                return z, kernels.masked_down_backward(x, a, gz, gx, bits)
 
             ms = median_ms({"torch": torch_ops, "kernel": kernel}, args.reps)
             print(f"dropout down-projection fwd+bwd, d_in {d_in}: torch ops {ms['torch']:.3f} ms, "

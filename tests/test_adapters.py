@@ -411,26 +411,44 @@ def test_hash_keep_mask_c_and_numpy_agree_and_look_like_bernoulli():
 
 @pytest.mark.parametrize("rank", [8, 3, 16])
 @pytest.mark.parametrize("rows", [7, 64])
-def test_masked_down_kernel_matches_the_torch_formula(rank, rows):
+@pytest.mark.parametrize("d", [37, 64])
+def test_masked_down_kernel_matches_the_torch_formula(rank, rows, d):
     """The C kernel's forward (rescale * A (x * m)) and backward (grad_A, grad_x += (gz A) * m)
     against torch ops over the same mask: specialised ranks (8, 16) and the generic loop (3), an
-    odd number of rows (the kernel pairs rows), a width that is not a multiple of 16."""
+    odd number of rows (the kernel pairs rows); an odd width (rows start at odd element indices,
+    the last word is partial) and a multiple of 32 (every word from the vectorised hash)."""
     from mtlora.adapters import kernels
 
     if kernels.library() is None:
         pytest.skip("no C compiler: the torch path is used (and tested) instead")
     torch.manual_seed(0)
-    _check_masked_down(kernels, rank, rows, d=37, seed=99, drop16=9000, rescale=1.3)
+    _check_masked_down(kernels, rank, rows, d=d, seed=99, drop16=9000, rescale=1.3)
+
+
+def test_packed_keep_bits_match_the_hash_past_two_to_the_32_pairs():
+    """The packed words hash 16 pairs at once with 32-bit counters; near pair 2**32 (element 2**33)
+    the counter's high half changes inside a word, which the kernel routes to the per-element
+    hash. Both sides of that edge, and an odd start, against the numpy twin."""
+    from mtlora.adapters import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    for first in (2**33 - 40, 2**33 - 31, 2**33 + 64, 5):
+        got = kernels.keep_bits_row(first, 100, seed=2**40 + 3, drop16=30000)
+        ref = kernels.keep_mask_numpy(100, 2**40 + 3, 30000, first=first)
+        assert np.array_equal(got, ref), first
 
 
 def _check_masked_down(kernels, rank: int, rows: int, d: int, seed: int, drop16: int, rescale: float) -> None:
     """The C kernel's forward and backward against torch ops over ``keep_mask``'s bits."""
     x, a, gz, grad_x = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank), torch.randn(rows, d)
-    m = kernels.keep_mask((rows, d), seed, drop16).float()
-    z = kernels.masked_down(x, a, seed, drop16, rescale)
+    keep = kernels.keep_mask((rows, d), seed, drop16)
+    m = keep.float()
+    z, bits = kernels.masked_down(x, a, seed, drop16, rescale)
+    assert torch.equal(kernels.unpack_bits(bits, d), keep)  # the packed mask the backward reads: the same bits
     torch.testing.assert_close(z, rescale * (x * m) @ a.T, atol=1e-5, rtol=1e-5)
     expected_gx = grad_x + (gz @ a) * m
-    grad_a = kernels.masked_down_backward(x, a, gz, grad_x, seed, drop16)
+    grad_a = kernels.masked_down_backward(x, a, gz, grad_x, bits)
     torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_x, expected_gx, atol=1e-5, rtol=1e-5)
 

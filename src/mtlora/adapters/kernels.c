@@ -5,9 +5,10 @@
  *   backward:  grad_A[j, i] = sum_t gz[t, j] * m[t, i] * x[t, i]
  *              grad_x[t, i] += m[t, i] * sum_j gz[t, j] * A[j, i]     (in place, after g W0)
  *
- * m[t, i] is a Bernoulli keep bit recomputed from (seed, t * D + i) by a counter-based hash, so the
- * backward regenerates the forward's mask instead of storing it, and the masked input x * m is only
- * ever one row long (in L1). Rows are taken two at a time (each A element loaded serves both),
+ * m[t, i] is a Bernoulli keep bit computed from (seed, t * D + i) by a counter-based hash. The forward
+ * packs it at 1 bit per element (bits_row) for the backward, which reads those bits instead of
+ * hashing again; on AVX-512 the bits are the load masks of x, so the masked input x * m never exists
+ * (elsewhere one row of it, in L1). Rows are taken two at a time (each A element loaded serves both),
  * pairs of rows are split over OpenMP threads: built with -fopenmp, this library binds to the
  * libgomp.so.1 torch has already loaded, so it shares torch's threads and torch.set_num_threads.
  * Compiled at first use by mtlora/adapters/kernels.py with -O3 -march=native (see there for why
@@ -43,24 +44,76 @@ static inline float keep_bit(uint64_t idx, uint32_t k1, uint32_t k2, uint32_t dr
     return half >= drop16 ? 1.0f : 0.0f;
 }
 
-/* m[i] = keep bit of element base + i: a lone leading / trailing element on its own, pairs in between
- * (one hash for two elements; the pair loop vectorises). */
-static void mask_row(float *m, int64_t d, uint64_t base, uint32_t k1, uint32_t k2, uint32_t drop16) {
-    int64_t i = 0;
-    if ((base & 1) && d > 0) {
-        m[0] = keep_bit(base, k1, k2, drop16);
-        i = 1;
+/* bits 0..15 of v spread to the even bits of the result (a Morton-order interleave, no BMI2 needed) */
+static inline uint32_t spread16(uint32_t v) {
+    v = (v | (v << 8)) & 0x00FF00FFU;
+    v = (v | (v << 4)) & 0x0F0F0F0FU;
+    v = (v | (v << 2)) & 0x33333333U;
+    return (v | (v << 1)) & 0x55555555U;
+}
+
+#if defined(__AVX512F__)
+static inline __m512i mix32_16(__m512i h) { /* mix32 on 16 lanes */
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x846ca68bU));
+    return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+#endif
+
+/* The 32 keep bits of elements first .. first + 31, first even and (first / 2) % 2^32 <= 2^32 - 16:
+ * 16 pair hashes, their low halves the even bits, high halves the odd bits. */
+static inline uint32_t bits_word(uint64_t first, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    const uint64_t c0 = first >> 1;
+    const uint32_t lo0 = (uint32_t)c0, hi = (uint32_t)(c0 >> 32) + k2;
+#if defined(__AVX512F__)
+    const __m512i c = _mm512_add_epi32(_mm512_set1_epi32((int)lo0),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i h = mix32_16(_mm512_xor_si512(mix32_16(_mm512_xor_si512(c, _mm512_set1_epi32((int)k1))),
+                                                _mm512_set1_epi32((int)hi)));
+    const __m512i drop = _mm512_set1_epi32((int)drop16);
+    const uint32_t even = _mm512_cmpge_epu32_mask(_mm512_and_si512(h, _mm512_set1_epi32(0xFFFF)), drop);
+    const uint32_t odd = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(h, 16), drop);
+#else
+    uint32_t even = 0, odd = 0;
+#pragma omp simd reduction(| : even, odd)
+    for (uint32_t c = 0; c < 16; c++) {
+        const uint32_t h = mix32(mix32((lo0 + c) ^ k1) ^ hi);
+        even |= (uint32_t)((h & 0xFFFFU) >= drop16) << c;
+        odd |= (uint32_t)((h >> 16) >= drop16) << c;
     }
-    const uint64_t c0 = (base + (uint64_t)i) >> 1;
-    const int64_t pairs = (d - i) / 2;
-    float *mp = m + i;
+#endif
+    return spread16(even) | (spread16(odd) << 1);
+}
+
+/* The keep bits of elements base .. base + d - 1 (one row), packed: bit i % 32 of word i / 32, bits
+ * past d zero. The forward writes them for the backward (d / 8 bytes a row: the backward never hashes)
+ * and uses them directly as AVX-512 load masks. */
+static void bits_row(uint32_t *w, int64_t d, uint64_t base, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    const int64_t words = (d + 31) / 32;
+    for (int64_t q = 0; q < words; q++) {
+        const uint64_t first = base + 32 * (uint64_t)q; /* element index of bit 0 */
+        if ((first & 1) == 0 && (uint32_t)(first >> 1) <= 0xFFFFFFEFU) { /* pairs line up, no carry */
+            w[q] = bits_word(first, k1, k2, drop16);
+        } else {
+            uint32_t bits = 0;
+            for (uint32_t b = 0; b < 32; b++) bits |= (uint32_t)keep_bit(first + b, k1, k2, drop16) << b;
+            w[q] = bits;
+        }
+    }
+    if (d % 32) w[words - 1] &= (1U << (d % 32)) - 1U;
+}
+
+/* bits_row for callers outside (tests: the packing at any element index, e.g. near pair 2^32) */
+void keep_bits_row(uint32_t *w, int64_t d, uint64_t base, uint32_t k1, uint32_t k2, uint32_t drop16) {
+    bits_row(w, d, base, k1, k2, drop16);
+}
+
+/* m[i] = bit i of w as 0.0 / 1.0 (the portable loops multiply by it) */
+static void unpack_row(float *m, const uint32_t *w, int64_t d) {
 #pragma omp simd
-    for (int64_t c = 0; c < pairs; c++) {
-        const uint32_t h = pair_hash(c0 + (uint64_t)c, k1, k2);
-        mp[2 * c] = (h & 0xFFFFU) >= drop16 ? 1.0f : 0.0f;
-        mp[2 * c + 1] = (h >> 16) >= drop16 ? 1.0f : 0.0f;
-    }
-    for (i += 2 * pairs; i < d; i++) m[i] = keep_bit(base + (uint64_t)i, k1, k2, drop16);
+    for (int64_t i = 0; i < d; i++) m[i] = (float)((w[i >> 5] >> (i & 31)) & 1U);
 }
 
 void keep_mask(uint8_t *out, int64_t n, uint32_t k1, uint32_t k2, uint32_t drop16) {
@@ -109,16 +162,35 @@ static void forward_row_any(const float *a, const float *xm, int64_t d, int64_t 
 }
 
 #if defined(__AVX512F__)
+/* 16 keep bits of a row from element i (a multiple of 16): an AVX-512 load mask; zero past the row */
+static inline __mmask16 keep16(const uint32_t *w, int64_t i) { return (__mmask16)(w[i >> 5] >> (i & 31)); }
+
+/* lanes of the 16 from i that lie inside a row of d */
+static inline __mmask16 tail16(int64_t d, int64_t i) {
+    return d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1U << (d - i)) - 1U);
+}
+
+/* Fetch the same 16 floats of the next pair of rows (2 d further) while this pair computes: the
+ * hardware prefetcher alone left the backward waiting on DRAM for x (saved at forward time, long
+ * evicted): 0.28 -> 0.20 ms a call at d = 576, 0.68 -> 0.53 at 1536 (2 threads, x cold, grad_x
+ * fresh from its GEMM, as in the model). */
+static inline void prefetch_next_pair(const float *p0, const float *p1, int64_t d) {
+    _mm_prefetch((const char *)(p0 + 2 * d), _MM_HINT_T0);
+    _mm_prefetch((const char *)(p1 + 2 * d), _MM_HINT_T0);
+}
+
 /* r = 8 with AVX-512, rows t and t+1 together: 16 accumulators, each A load serves both rows, the
- * mask applied as the row is loaded (no masked copy of x). Masked loads take the row's tail. */
-static inline __attribute__((always_inline)) void forward_rows2_8(const float *a, const float *x0, const float *x1, const float *m0, const float *m1,
-                            int64_t d, float rescale, float *z0, float *z1) {
+ * keep bits are the load masks of x (dropped elements load as zero: no mask, no masked copy). */
+static inline __attribute__((always_inline)) void forward_rows2_8(const float *a, const float *x0, const float *x1,
+                                                                  const uint32_t *w0, const uint32_t *w1, int64_t d,
+                                                                  float rescale, float *z0, float *z1) {
     __m512 c0[8], c1[8];
     for (int j = 0; j < 8; j++) c0[j] = c1[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
-        const __m512 v0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x0 + i), _mm512_maskz_loadu_ps(k, m0 + i));
-        const __m512 v1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x1 + i), _mm512_maskz_loadu_ps(k, m1 + i));
+        const __mmask16 k = tail16(d, i);
+        prefetch_next_pair(x0 + i, x1 + i, d);
+        const __m512 v0 = _mm512_maskz_loadu_ps(keep16(w0, i), x0 + i);
+        const __m512 v1 = _mm512_maskz_loadu_ps(keep16(w1, i), x1 + i);
         for (int j = 0; j < 8; j++) {
             const __m512 aj = _mm512_maskz_loadu_ps(k, a + j * d + i);
             c0[j] = _mm512_fmadd_ps(aj, v0, c0[j]);
@@ -168,21 +240,25 @@ static void reduce_partials(float *out, const float *partials, int n, int64_t si
     }
 }
 
-/* z for rows t and t + 1 (t + 1 < t_rows or the odd last row alone), m: 2 d floats of scratch. */
-static inline __attribute__((always_inline)) void forward_pair(const float *x, const float *a, float *z, int64_t t, int64_t t_rows, int64_t d,
-                         int64_t r, float rescale, uint32_t k1, uint32_t k2, uint32_t drop16, float *m) {
+/* The keep bits of rows t and t + 1 (t + 1 < t_rows or the odd last row alone) into bits, then their
+ * z; m: d floats of scratch for the portable loops. */
+static inline __attribute__((always_inline)) void forward_pair(const float *x, const float *a, float *z, uint32_t *bits,
+                                                               int64_t t, int64_t t_rows, int64_t d, int64_t r,
+                                                               float rescale, uint32_t k1, uint32_t k2, uint32_t drop16,
+                                                               float *m) {
     const int two = t + 1 < t_rows;
+    const int64_t words = (d + 31) / 32;
+    for (int64_t u = t; u < t + 1 + two; u++) bits_row(bits + u * words, d, (uint64_t)u * (uint64_t)d, k1, k2, drop16);
 #if defined(__AVX512F__)
     if (r == 8 && two) {
-        mask_row(m, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
-        mask_row(m + d, d, (uint64_t)(t + 1) * (uint64_t)d, k1, k2, drop16);
-        forward_rows2_8(a, x + t * d, x + (t + 1) * d, m, m + d, d, rescale, z + t * r, z + (t + 1) * r);
+        forward_rows2_8(a, x + t * d, x + (t + 1) * d, bits + t * words, bits + (t + 1) * words, d, rescale,
+                        z + t * r, z + (t + 1) * r);
         return;
     }
 #endif
     for (int64_t u = t; u < t + 1 + two; u++) {
         const float *xu = x + u * d;
-        mask_row(m, d, (uint64_t)u * (uint64_t)d, k1, k2, drop16);
+        unpack_row(m, bits + u * words, d);
 #pragma omp simd
         for (int64_t i = 0; i < d; i++) m[i] *= xu[i];
         switch (r) {
@@ -194,19 +270,21 @@ static inline __attribute__((always_inline)) void forward_pair(const float *x, c
     }
 }
 
-int masked_down(const float *x, const float *a, float *z, int64_t t_rows, int64_t d, int64_t r,
+/* z = rescale * (x * m) A.T for t_rows rows of d; the keep bits m go to bits (t_rows x ceil(d / 32)
+ * words, see bits_row) for masked_down_backward. */
+int masked_down(const float *x, const float *a, float *z, uint32_t *bits, int64_t t_rows, int64_t d, int64_t r,
                 float rescale, uint32_t k1, uint32_t k2, uint32_t drop16) {
     int failed = 0;
 #pragma omp parallel
     {
-        float *m = zeroed_floats(d * 2);
+        float *m = zeroed_floats(d);
         if (!m) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < t_rows; t += 2)
-            if (m) forward_pair(x, a, z, t, t_rows, d, r, rescale, k1, k2, drop16, m);
+            if (m) forward_pair(x, a, z, bits, t, t_rows, d, r, rescale, k1, k2, drop16, m);
         free(m);
     }
     return failed ? -1 : 0;
@@ -264,20 +342,22 @@ static void backward_rows_any(const float *a, float *grad_a, int64_t d, int64_t 
 }
 
 #if defined(__AVX512F__)
-/* r = 8 with AVX-512: the two rows' gz broadcast once, the masked inputs formed as they are loaded. */
-static inline __attribute__((always_inline)) void backward_rows2_8(const float *a, float *grad_a, int64_t d, const float *m0, const float *m1,
-                             const float *x0, const float *x1, const float *h0, const float *h1, float *gx0,
-                             float *gx1) {
+/* r = 8 with AVX-512: the two rows' gz broadcast once, the keep bits the load masks of x and the masks
+ * of the adds into grad_x. */
+static inline __attribute__((always_inline)) void backward_rows2_8(const float *a, float *grad_a, int64_t d,
+                                                                   const uint32_t *w0, const uint32_t *w1,
+                                                                   const float *x0, const float *x1, const float *h0,
+                                                                   const float *h1, float *gx0, float *gx1) {
     __m512 b0[8], b1[8];
     for (int j = 0; j < 8; j++) {
         b0[j] = _mm512_set1_ps(h0[j]);
         b1[j] = _mm512_set1_ps(h1[j]);
     }
     for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
-        const __m512 k0 = _mm512_maskz_loadu_ps(k, m0 + i), k1 = _mm512_maskz_loadu_ps(k, m1 + i);
-        const __m512 v0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x0 + i), k0);
-        const __m512 v1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x1 + i), k1);
+        const __mmask16 k = tail16(d, i), q0 = keep16(w0, i), q1 = keep16(w1, i);
+        prefetch_next_pair(x0 + i, x1 + i, d);
+        prefetch_next_pair(gx0 + i, gx1 + i, d);
+        const __m512 v0 = _mm512_maskz_loadu_ps(q0, x0 + i), v1 = _mm512_maskz_loadu_ps(q1, x1 + i);
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         for (int j = 0; j < 8; j++) {
             const __m512 aj = _mm512_maskz_loadu_ps(k, a + j * d + i);
@@ -287,29 +367,32 @@ static inline __attribute__((always_inline)) void backward_rows2_8(const float *
             s0 = _mm512_fmadd_ps(b0[j], aj, s0);
             s1 = _mm512_fmadd_ps(b1[j], aj, s1);
         }
-        _mm512_mask_storeu_ps(gx0 + i, k, _mm512_fmadd_ps(k0, s0, _mm512_maskz_loadu_ps(k, gx0 + i)));
-        _mm512_mask_storeu_ps(gx1 + i, k, _mm512_fmadd_ps(k1, s1, _mm512_maskz_loadu_ps(k, gx1 + i)));
+        const __m512 g0 = _mm512_maskz_loadu_ps(k, gx0 + i), g1 = _mm512_maskz_loadu_ps(k, gx1 + i);
+        _mm512_mask_storeu_ps(gx0 + i, k, _mm512_mask_add_ps(g0, q0, g0, s0));
+        _mm512_mask_storeu_ps(gx1 + i, k, _mm512_mask_add_ps(g1, q1, g1, s1));
     }
 }
 #endif
 
 /* grad_a (this thread's partial) and grad_x for rows t and t + 1; buf: 7 d + r floats of scratch. */
-static inline __attribute__((always_inline)) void backward_pair(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
-                          int64_t t, int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2,
-                          uint32_t drop16, float *buf) {
+static inline __attribute__((always_inline)) void backward_pair(const float *x, const float *a, const float *gz,
+                                                                float *grad_x, float *grad_a, const uint32_t *bits,
+                                                                int64_t t, int64_t t_rows, int64_t d, int64_t r,
+                                                                float *buf) {
     float *m0 = buf, *m1 = buf + d, *xm0 = buf + 2 * d, *xm1 = buf + 3 * d, *spare = buf + 4 * d;
     float *s0 = buf + 5 * d, *s1 = buf + 6 * d, *zero_g = buf + 7 * d;
     const int two = t + 1 < t_rows;
-    const int64_t t1 = two ? t + 1 : t;
-    mask_row(m0, d, (uint64_t)t * (uint64_t)d, k1, k2, drop16);
-    mask_row(m1, d, (uint64_t)t1 * (uint64_t)d, k1, k2, drop16);
+    const int64_t t1 = two ? t + 1 : t, words = (d + 31) / 32;
     const float *x0 = x + t * d, *x1 = x + t1 * d;
 #if defined(__AVX512F__)
     if (r == 8 && two) {
-        backward_rows2_8(a, grad_a, d, m0, m1, x0, x1, gz + t * r, gz + t1 * r, grad_x + t * d, grad_x + t1 * d);
+        backward_rows2_8(a, grad_a, d, bits + t * words, bits + t1 * words, x0, x1, gz + t * r, gz + t1 * r,
+                         grad_x + t * d, grad_x + t1 * d);
         return;
     }
 #endif
+    unpack_row(m0, bits + t * words, d);
+    unpack_row(m1, bits + t1 * words, d);
 #pragma omp simd
     for (int64_t i = 0; i < d; i++) {
         xm0[i] = m0[i] * x0[i];
@@ -328,8 +411,9 @@ static inline __attribute__((always_inline)) void backward_pair(const float *x, 
     }
 }
 
+/* grad_A = gz.T (x * m) and grad_x += (gz A) * m, m read from the forward's bits (nothing is hashed). */
 int masked_down_backward(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
-                         int64_t t_rows, int64_t d, int64_t r, uint32_t k1, uint32_t k2, uint32_t drop16) {
+                         const uint32_t *bits, int64_t t_rows, int64_t d, int64_t r) {
     const int n = n_threads();
     float *partials = zeroed_floats((int64_t)n * r * d);
     if (!partials) return -1;
@@ -344,7 +428,7 @@ int masked_down_backward(const float *x, const float *a, const float *gz, float 
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < t_rows; t += 2)
-            if (buf) backward_pair(x, a, gz, grad_x, mine, t, t_rows, d, r, k1, k2, drop16, buf);
+            if (buf) backward_pair(x, a, gz, grad_x, mine, bits, t, t_rows, d, r, buf);
         free(buf);
     }
     if (!failed) reduce_partials(grad_a, partials, n, r * d);
@@ -365,7 +449,8 @@ static inline __attribute__((always_inline)) void up_backward_pair(const float *
         w1[j] = _mm512_set1_ps(two ? z[(t + 1) * 8 + j] * scale_gb : 0.0f);
     }
     for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 k = d - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+        const __mmask16 k = tail16(d, i);
+        prefetch_next_pair(g0 + i, g1 + i, d);
         const __m512 v0 = _mm512_maskz_loadu_ps(k, g0 + i), v1 = _mm512_maskz_loadu_ps(k, g1 + i);
         for (int j = 0; j < 8; j++) {
             const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + i);

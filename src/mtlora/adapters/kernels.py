@@ -6,8 +6,10 @@ into its input once in the forward and again in the backward (``A (x * m)`` and 
 and adds the masked share ``(gz A) * m`` to the input gradient: four full-width passes and a mask
 held until backward (1 byte per input element, ~150 MB per SmolLM2 step of 8 x 128 tokens). These
 were the largest item between our LoRA step and the frozen base's (``docs/performance.md``).
-``kernels.c`` does the same maths row by row with the masked row in L1, and recomputes the mask
-from ``(seed, element index)`` with a counter-based hash, so nothing mask-sized is ever stored.
+``kernels.c`` does the same maths row by row without forming the masked input: the mask comes from
+``(seed, element index)`` through a counter-based hash in the forward, which packs it at 1 bit per
+element for the backward (~19 MB per SmolLM2 step instead of ~150 MB as bytes; the backward reads the
+bits instead of hashing again, ``docs/performance.md``).
 For every LoRA layer, dropout or not, ``up_backward`` forms ``s g B`` and ``s g.T z`` reading the
 output gradient ``g`` once instead of twice (r = 8 with AVX-512; BLAS otherwise).
 
@@ -83,8 +85,9 @@ def library() -> ctypes.CDLL | None:
     except OSError:
         return None
     lib.keep_mask.argtypes = [_PTR, _I64, _U32, _U32, _U32]
-    lib.masked_down.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _U32, _U32, _U32]
-    lib.masked_down_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _U32, _U32, _U32]
+    lib.keep_bits_row.argtypes = [_PTR, _I64, ctypes.c_uint64, _U32, _U32, _U32]
+    lib.masked_down.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _U32, _U32, _U32]
+    lib.masked_down_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64]
     lib.up_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _F32]
     lib.up_rank = lib.up_backward_rank()  # asked once: a declined call would still cost its copies
     lib.masked_down.restype = lib.masked_down_backward.restype = lib.up_backward.restype = ctypes.c_int
@@ -105,18 +108,21 @@ def _mix32(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def keep_mask_numpy(n: int, seed: int, drop16: int) -> np.ndarray:
-    """The keep bits of elements ``0 .. n-1`` (uint8), exactly as ``keep_bit`` in kernels.c: one
-    two-round keyed hash per pair of elements, its low 16 bits for the even one, high for the odd."""
+def keep_mask_numpy(n: int, seed: int, drop16: int, first: int = 0) -> np.ndarray:
+    """The keep bits of elements ``first .. first + n - 1`` (uint8), exactly as ``keep_bit`` in
+    kernels.c: one two-round keyed hash per pair of elements, its low 16 bits for the even one, high
+    for the odd."""
     k1, k2 = _keys(seed)
-    c = np.arange((n + 1) // 2, dtype=np.uint64)
+    skip = first & 1  # an odd start: the first pair's even element is not wanted
+    n += skip
+    c = np.arange(first // 2, first // 2 + (n + 1) // 2, dtype=np.uint64)
     lo = c.astype(np.uint32) ^ np.uint32(k1)
     hi = (c >> np.uint64(32)).astype(np.uint32) + np.uint32(k2)
     h = _mix32(_mix32(lo) ^ hi)
     halves = np.empty(2 * len(h), dtype=np.uint32)
     halves[0::2] = h & np.uint32(0xFFFF)
     halves[1::2] = h >> np.uint32(16)
-    return (halves[:n] >= np.uint32(drop16)).astype(np.uint8)
+    return (halves[skip:n] >= np.uint32(drop16)).astype(np.uint8)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], seed: int, drop16: int) -> torch.Tensor:
@@ -131,33 +137,56 @@ def keep_mask(shape: torch.Size | tuple[int, ...], seed: int, drop16: int) -> to
     return out
 
 
+def keep_bits_row(first: int, d: int, seed: int, drop16: int) -> np.ndarray:
+    """The keep bits of elements ``first .. first + d - 1`` as the kernels pack them for one row,
+    unpacked to uint8 (for tests: the packing's edge cases at any element index)."""
+    words = np.empty((d + 31) // 32, dtype=np.uint32)
+    library().keep_bits_row(words.ctypes.data, d, first, *_keys(seed), drop16)
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:d]
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the C kernel can take these tensors (float32, CPU) and is built."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and library() is not None
 
 
-def masked_down(x2: torch.Tensor, a: torch.Tensor, seed: int, drop16: int, rescale: float) -> torch.Tensor:
-    """``rescale * (x2 * keep_mask(x2.shape, seed, drop16)) @ a.T`` for a 2-D float32 ``x2``."""
+def masked_down(
+    x2: torch.Tensor, a: torch.Tensor, seed: int, drop16: int, rescale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, bits)``: ``z = rescale * (x2 * m) @ a.T`` for a 2-D float32 ``x2`` and
+    ``m = keep_mask(x2.shape, seed, drop16)``, and ``m`` packed for ``masked_down_backward``
+    (``bits``: int32, one row of ``ceil(d / 32)`` words per row of ``x2``, bit ``i % 32`` of word
+    ``i // 32`` = ``m[t, i]``; ``unpack_bits`` reverses it). 1 bit per element kept until backward
+    instead of the hash recomputed there."""
     x2, a = x2.contiguous(), a.contiguous()
     z = torch.empty(x2.shape[0], a.shape[0], dtype=x2.dtype)
-    rc = library().masked_down(x2.data_ptr(), a.data_ptr(), z.data_ptr(), x2.shape[0], x2.shape[1], a.shape[0],
-                               rescale, *_keys(seed), drop16)
+    bits = torch.empty(x2.shape[0], (x2.shape[1] + 31) // 32, dtype=torch.int32)
+    rc = library().masked_down(x2.data_ptr(), a.data_ptr(), z.data_ptr(), bits.data_ptr(), x2.shape[0], x2.shape[1],
+                               a.shape[0], rescale, *_keys(seed), drop16)
     if rc != 0:
         raise MemoryError("masked_down: could not allocate a row buffer")
-    return z
+    return z, bits
+
+
+def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
+    """``masked_down``'s packed mask as a uint8 ``(rows, d)`` keep mask."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    unpacked = (bits.unsqueeze(-1) >> shifts) & 1  # (rows, words, 32)
+    return unpacked.reshape(bits.shape[0], -1)[:, :d].to(torch.uint8)
 
 
 def masked_down_backward(
-    x2: torch.Tensor, a: torch.Tensor, gz: torch.Tensor, grad_x: torch.Tensor, seed: int, drop16: int
+    x2: torch.Tensor, a: torch.Tensor, gz: torch.Tensor, grad_x: torch.Tensor, bits: torch.Tensor
 ) -> torch.Tensor:
-    """``grad_A = gz.T @ (x2 * m)``; adds ``(gz @ a) * m`` into ``grad_x`` (contiguous) in place."""
-    x2, a, gz = x2.contiguous(), a.contiguous(), gz.contiguous()
+    """``grad_A = gz.T @ (x2 * m)``; adds ``(gz @ a) * m`` into ``grad_x`` (contiguous) in place; ``m``
+    from ``bits`` (``masked_down``'s)."""
+    x2, a, gz, bits = x2.contiguous(), a.contiguous(), gz.contiguous(), bits.contiguous()
     if not grad_x.is_contiguous():
         raise ValueError("grad_x must be contiguous")
     grad_a = torch.empty_like(a)
     rc = library().masked_down_backward(
-        x2.data_ptr(), a.data_ptr(), gz.data_ptr(), grad_x.data_ptr(), grad_a.data_ptr(),
-        x2.shape[0], x2.shape[1], a.shape[0], *_keys(seed), drop16,
+        x2.data_ptr(), a.data_ptr(), gz.data_ptr(), grad_x.data_ptr(), grad_a.data_ptr(), bits.data_ptr(),
+        x2.shape[0], x2.shape[1], a.shape[0],
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("masked_down_backward: could not allocate a row buffer")

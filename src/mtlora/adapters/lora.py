@@ -93,7 +93,8 @@ def dropout_draw(p: float) -> tuple[int, int, float]:
     draw with ``p`` realised to 1/65536, 0.05 -> 0.0500031, rescaled by that realised rate). The
     seed comes from torch's generator, so ``torch.manual_seed`` fixes the masks, checkpoints
     restore them (the trainer saves torch's RNG state) and activation checkpointing replays them;
-    a layer can keep 8 bytes of seed for backward instead of a mask (``_FusedLoraLinear``).
+    the C kernel forms the mask in its forward pass over ``x`` and keeps it packed at 1 bit per
+    element for backward (``_FusedLoraLinear``).
     """
     drop16 = round(p * 65536)
     seed = int(torch.randint(0, 2**62, (1,)))
@@ -243,8 +244,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     ``B A`` costs ``d_out x d_in x r`` flops, a ``tokens / r`` fraction of that GEMM). With dropout
     the adapter's share is masked and accumulated in place. Dropout comes as an explicit uint8
     ``keep`` mask, or as ``seed`` / ``drop16`` (``dropout_draw``): then, for float32 on CPU, the C
-    kernel (``kernels.py``) forms ``A (x * m)`` and its gradients with the mask recomputed from the
-    seed, and backward keeps 8 bytes instead of a mask. ``python benchmarks/train_step.py``
+    kernel (``kernels.py``) forms ``A (x * m)`` with the mask hashed from the seed and kept packed
+    (1 bit per element) for its gradients. ``python benchmarks/train_step.py``
     measures the step; ``LoraLinear.forward`` falls back to the two-node form wherever this one
     would change behaviour (hooks on the frozen layer, autocast, stacked adapters). The choice never
     depends on ``capture``: activation checkpointing recomputes a block without the context, and
@@ -254,9 +255,9 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, w0, bias, a, b, scale: float, rescale: float, seed: int | None = None, drop16: int = 0):
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.seed, ctx.drop16 = None, drop16
+        ctx.seed, ctx.drop16, bits = None, drop16, None
         if seed is not None and kernels.usable(x2, a):
-            z = kernels.masked_down(x2, a, seed, drop16, rescale)
+            z, bits = kernels.masked_down(x2, a, seed, drop16, rescale)
             ctx.seed = seed
         else:
             if seed is not None:
@@ -267,14 +268,14 @@ class _FusedLoraLinear(torch.autograd.Function):
                 z.mul_(rescale)
         out = torch.addmm(bias, x2, w0.mT) if bias is not None else x2 @ w0.mT
         out.addmm_(z, b.mT, alpha=scale)
-        ctx.save_for_backward(x, keep, w0, a, b, z)
+        ctx.save_for_backward(x, keep, w0, a, b, z, bits)
         ctx.scale, ctx.rescale = scale, rescale
         ctx.set_materialize_grads(False)  # phi is usually unused: a zero g_phi would cost the W_eff path
         return out.reshape(*x.shape[:-1], w0.shape[0]), z.reshape(*x.shape[:-1], a.shape[0])
 
     @staticmethod
     def backward(ctx, g, g_phi):
-        x, keep, w0, a, b, z = ctx.saved_tensors
+        x, keep, w0, a, b, z, bits = ctx.saved_tensors
         s, rescale = ctx.scale, ctx.rescale
         if g is None:  # only phi reached the loss (rare): the output's gradient is zero
             g = x.new_zeros(*x.shape[:-1], w0.shape[0])
@@ -298,9 +299,9 @@ class _FusedLoraLinear(torch.autograd.Function):
                 if g_phi is not None:
                     gz = gz + g_phi.reshape(gz.shape)
                 gz = gz * rescale
-        if in_kernel and need_z:  # grad_A and the masked share of grad_x in one pass, the mask from the seed
+        if in_kernel and need_z:  # grad_A and the masked share of grad_x in one pass, the mask from its bits
             grad_x = g2 @ w0 if ctx.needs_input_grad[0] else torch.zeros_like(x2)
-            grad_a = kernels.masked_down_backward(x2, a, gz, grad_x, ctx.seed, ctx.drop16)
+            grad_a = kernels.masked_down_backward(x2, a, gz, grad_x, bits)
             grad_x = grad_x.reshape(x.shape) if ctx.needs_input_grad[0] else None
             grad_a = grad_a if ctx.needs_input_grad[4] else None
         elif ctx.needs_input_grad[0]:
