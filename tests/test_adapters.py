@@ -311,11 +311,14 @@ def test_fused_lora_linear_matches_autograd_of_the_plain_formula(dropout, bias, 
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_backward_forms_no_extra_input_wide_product(dropout):
-    """Without dropout (and phi unread) the input gradient is one GEMM against W0 + s B A: the
-    backward issues no second tokens x d_in product for the adapter's share. The test fails if an
-    unread phi's gradient arrives as zeros instead of None (that silently costs the slow path).
-    With dropout the C kernel adds the masked share in place (without it: a second product)."""
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_fused_backward_forms_no_extra_input_wide_product(dropout, use_kernels, monkeypatch):
+    """The backward issues one tokens x d_in product, never a second one for the adapter's share.
+    With the C kernels the kernel writes the masked share (no mask: nothing hashed) and the frozen
+    layer's GEMM adds into it. On torch ops, without dropout (and phi unread) the input gradient is
+    one GEMM against W0 + s B A; the test fails there if an unread phi's gradient arrives as zeros
+    instead of None (that silently costs the slow path). On torch ops with dropout: two products."""
+    monkeypatch.setenv("MTLORA_KERNELS", "1" if use_kernels else "0")
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from mtlora.adapters import kernels
@@ -330,15 +333,20 @@ def test_fused_backward_forms_no_extra_input_wide_product(dropout):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape == x.shape:
+            products = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+            if func in products and out.shape == x.shape:
                 WideProducts.count += 1
             return out
 
-    y = layer(x)
-    with WideProducts():
-        y.pow(2).sum().backward()
-    assert WideProducts.count == (1 if dropout == 0 or kernels.library() is not None else 2)
-    assert x.grad is not None and layer.lora_A.weight.grad is not None
+    kernels.library.cache_clear()
+    try:
+        y = layer(x)
+        with WideProducts():
+            y.pow(2).sum().backward()
+        assert WideProducts.count == (1 if dropout == 0 or kernels.library() is not None else 2)
+        assert x.grad is not None and layer.lora_A.weight.grad is not None
+    finally:
+        kernels.library.cache_clear()
 
 
 @ARCHS
@@ -447,7 +455,7 @@ def _check_masked_down(kernels, rank: int, rows: int, d: int, seed: int, drop16:
     z, bits = kernels.masked_down(x, a, seed, drop16, rescale)
     assert torch.equal(kernels.unpack_bits(bits, d), keep)  # the packed mask the backward reads: the same bits
     torch.testing.assert_close(z, rescale * (x * m) @ a.T, atol=1e-5, rtol=1e-5)
-    expected_gx = grad_x + (gz @ a) * m
+    expected_gx = (gz @ a) * m  # written over whatever grad_x held
     grad_a = kernels.masked_down_backward(x, a, gz, grad_x, bits)
     torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_x, expected_gx, atol=1e-5, rtol=1e-5)

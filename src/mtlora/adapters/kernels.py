@@ -178,8 +178,8 @@ def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
 def masked_down_backward(
     x2: torch.Tensor, a: torch.Tensor, gz: torch.Tensor, grad_x: torch.Tensor, bits: torch.Tensor
 ) -> torch.Tensor:
-    """``grad_A = gz.T @ (x2 * m)``; adds ``(gz @ a) * m`` into ``grad_x`` (contiguous) in place; ``m``
-    from ``bits`` (``masked_down``'s)."""
+    """``grad_A = gz.T @ (x2 * m)``; writes ``(gz @ a) * m`` into ``grad_x`` (contiguous, overwritten:
+    add the frozen layer's share after, with a beta = 1 GEMM); ``m`` from ``bits`` (``masked_down``'s)."""
     x2, a, gz, bits = x2.contiguous(), a.contiguous(), gz.contiguous(), bits.contiguous()
     if not grad_x.is_contiguous():
         raise ValueError("grad_x must be contiguous")

@@ -239,13 +239,15 @@ class _FusedLoraLinear(torch.autograd.Function):
     adapter's share of ``grad_x`` as its own ``tokens x d_in`` product and autograd then sums it
     with the frozen layer's: extra full-width passes per adapted layer. Measured:
     ``fused_over_two_node`` 0.94-0.99 in ``benchmarks/train_step.py`` (session 5, with the C
-    kernels, which only this form uses; docs/performance.md). Here, without dropout, ``grad_x = g (W0 + s B A)``: one
-    GEMM against a weight-sized matrix, the same work as the frozen layer alone (the dense
-    ``B A`` costs ``d_out x d_in x r`` flops, a ``tokens / r`` fraction of that GEMM). With dropout
-    the adapter's share is masked and accumulated in place. Dropout comes as an explicit uint8
-    ``keep`` mask, or as ``seed`` / ``drop16`` (``dropout_draw``): then, for float32 on CPU, the C
-    kernel (``kernels.py``) forms ``A (x * m)`` with the mask hashed from the seed and kept packed
-    (1 bit per element) for its gradients. ``python benchmarks/train_step.py``
+    kernels, which only this form uses; docs/performance.md). For float32 on CPU the C kernels
+    (``kernels.py``) do the adapter's side: the forward forms ``A (x * m)`` with the dropout mask
+    hashed from ``seed`` / ``drop16`` (``dropout_draw``; ``drop16 = 0``: no dropout, nothing hashed)
+    and keeps the mask packed (1 bit per element); the backward writes the masked share of
+    ``grad_x`` and forms ``grad_A`` in one pass over ``x``, and the frozen layer's GEMM then adds
+    ``g W0`` into it. Elsewhere (no compiler, another dtype or device, a second-order backward),
+    torch ops: without dropout ``grad_x = g (W0 + s B A)``, one GEMM against a weight-sized matrix
+    (the dense ``B A`` costs a ``tokens / r`` fraction of that GEMM); with an explicit uint8 ``keep``
+    mask the masked share is accumulated in place. ``python benchmarks/train_step.py``
     measures the step; ``LoraLinear.forward`` falls back to the two-node form wherever this one
     would change behaviour (hooks on the frozen layer, autocast, stacked adapters). The choice never
     depends on ``capture``: activation checkpointing recomputes a block without the context, and
@@ -260,14 +262,17 @@ class _FusedLoraLinear(torch.autograd.Function):
             z, bits = kernels.masked_down(x2, a, seed, drop16, rescale)
             ctx.seed = seed
         else:
-            if seed is not None:
+            if seed is not None and drop16 > 0:
                 keep = kernels.keep_mask(x.shape, seed, drop16)
             xk = x2 if keep is None else x2 * keep.reshape(x2.shape)
             z = (a @ xk.mT).mT  # an r-row GEMM: 0.6x the time of xk @ a.mT on CPU BLAS (adapter_kernels.py)
             if rescale != 1.0:
                 z.mul_(rescale)
-        out = torch.addmm(bias, x2, w0.mT) if bias is not None else x2 @ w0.mT
-        out.addmm_(z, b.mT, alpha=scale)
+        # the thin product first, then the frozen layer's GEMM accumulates into it (beta = 1): adding
+        # the thin product afterwards re-read the GEMM's freshly written output from memory
+        sb = (b * scale).mT
+        out = torch.addmm(bias, z, sb) if bias is not None else z @ sb
+        out.addmm_(x2, w0.mT)
         ctx.save_for_backward(x, keep, w0, a, b, z, bits)
         ctx.scale, ctx.rescale = scale, rescale
         ctx.set_materialize_grads(False)  # phi is usually unused: a zero g_phi would cost the W_eff path
@@ -282,7 +287,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         in_kernel = ctx.seed is not None and not torch.is_grad_enabled()  # second order: the torch formula
-        if ctx.seed is not None and not in_kernel:
+        if ctx.seed is not None and not in_kernel and ctx.drop16 > 0:
             keep = kernels.keep_mask(x.shape, ctx.seed, ctx.drop16)
         k2 = None if keep is None else keep.reshape(x2.shape)
         grad_x = grad_a = grad_b = grad_w0 = grad_bias = None
@@ -300,9 +305,9 @@ class _FusedLoraLinear(torch.autograd.Function):
                     gz = gz + g_phi.reshape(gz.shape)
                 gz = gz * rescale
         if in_kernel and need_z:  # grad_A and the masked share of grad_x in one pass, the mask from its bits
-            grad_x = g2 @ w0 if ctx.needs_input_grad[0] else torch.zeros_like(x2)
+            grad_x = torch.empty_like(x2)  # the masked share first, then g W0 added into it (see kernels.c)
             grad_a = kernels.masked_down_backward(x2, a, gz, grad_x, bits)
-            grad_x = grad_x.reshape(x.shape) if ctx.needs_input_grad[0] else None
+            grad_x = grad_x.addmm_(g2, w0).reshape(x.shape) if ctx.needs_input_grad[0] else None
             grad_a = grad_a if ctx.needs_input_grad[4] else None
         elif ctx.needs_input_grad[0]:
             if k2 is None and g_phi is None:
@@ -371,6 +376,8 @@ class LoraLinear(nn.Module):
                     seed, drop16, rescale = dropout_draw(drop.p)
                 else:
                     keep, rescale = drop.keep_mask(x)
+            elif x.device.type == "cpu":
+                seed = 0  # no dropout: drop16 = 0 keeps every element, the kernels run without a hash
             out, phi = _FusedLoraLinear.apply(
                 x, keep, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
                 self.scaling, rescale, seed, drop16,
