@@ -8,14 +8,15 @@
 - an AdamW step over SmolLM2's 420 LoRA tensors: torch's default vs ``fused=True`` (the trainer's)
 - a dropout keep mask for a 1024 x 1536 input: ``torch.rand_like(x) >= p`` vs ``dropout_keep_mask``
   (the keyed-hash mask of ``kernels.py``), and applying it: ``x * keep`` with a bool vs a uint8 mask
-- the dropout-masked down-projection, forward + backward (``z = A (x * m)``, ``grad_A``, the
-  masked share of ``grad_x``): torch ops over a drawn uint8 mask (the layer's path before the C
-  kernel) vs the C kernel with the mask hashed from its seed and packed for backward (``kernels.masked_down*``)
+- the adapter's side of a LoRA layer with dropout, forward + backward (``z = A (x * m)``,
+  ``s z B.T``, ``gz``, ``grad_B``, ``grad_A``, the masked share of ``grad_x``; the frozen GEMMs
+  excluded): torch ops over a drawn uint8 mask (the layer's path before the C kernels) vs
+  ``kernels.lora_forward`` + ``kernels.lora_backward`` (mask hashed from its seed, packed for backward)
 
 Median of 50 calls each, interleaved, under ``retain_freed_memory()`` as in the trainer (without it
 fresh outputs page-fault and the torch-op variants, which allocate more, look slower than they are). Ends with ``RESULT {"up_backward_ours_over_autograd": {...},
 "down_forward_ours_over_plain": {...}, "mask_ours_over_torch_rand": ..., "apply_uint8_over_bool": ...,
-"dropout_down_kernel_over_torch": {...}, "adamw_fused_over_default": ...}`` (below 1 = ours faster).
+"adapter_side_kernel_over_torch": {...}, "adamw_fused_over_default": ...}`` (below 1 = ours faster).
 """
 
 from __future__ import annotations
@@ -78,26 +79,30 @@ def main() -> None:
     print(f"x * keep: bool {ms['bool']:.3f} ms, uint8 {ms['uint8']:.3f} ms")
     result["apply_uint8_over_bool"] = round(ms["uint8"] / ms["bool"], 3)
     if kernels.library() is not None:
-        result["dropout_down_kernel_over_torch"] = {}
-        for d_in in (576, 1536):
-            x, a = torch.randn(args.tokens, d_in), torch.randn(args.r, d_in)
-            gz, gx = torch.randn(args.tokens, args.r), torch.randn(args.tokens, d_in)
+        result["adapter_side_kernel_over_torch"] = {}
+        for d_in, d_out in ((576, 576), (576, 1536), (1536, 576)):
+            x, a, b = torch.randn(args.tokens, d_in), torch.randn(args.r, d_in), torch.randn(d_out, args.r)
+            g = torch.randn(args.tokens, d_out)
 
-            def torch_ops(x=x, a=a, gz=gz, gx=gx):
+            def torch_ops(x=x, a=a, b=b, g=g):
                 keep = dropout_keep_mask(x, 0.05)[0].view(torch.uint8)  # drawn in forward, kept for backward
                 z = (a @ (x * keep).t()).t()
+                out = z @ (b * 2.0).t()
+                gz = (b.t().contiguous() @ g.t()).t() * 2.0
+                grad_b = (z.t() @ g).t() * 2.0
                 grad_a = gz.t() @ (x * keep)
-                gx.addcmul_(gz @ a, keep)
-                return z, grad_a
+                grad_x = (gz @ a) * keep
+                return out, grad_a, grad_b, grad_x
 
-            def kernel(x=x, a=a, gz=gz, gx=gx):
-                z, bits = kernels.masked_down(x, a, 7, 3277, 1.0)  # the mask packed for backward
-                return z, kernels.masked_down_backward(x, a, gz, gx, bits)
+            def kernel(x=x, a=a, b=b, g=g):
+                out, z, bits = kernels.lora_forward(x, a, b, None, 7, 3277, 1.0, 2.0)  # the mask packed for backward
+                grad_x = torch.empty_like(x)
+                return out, *kernels.lora_backward(g, b, z, None, x, a, bits, grad_x, 2.0, 2.0, 1.0), grad_x
 
             ms = median_ms({"torch": torch_ops, "kernel": kernel}, args.reps)
-            print(f"dropout down-projection fwd+bwd, d_in {d_in}: torch ops {ms['torch']:.3f} ms, "
-                  f"C kernel {ms['kernel']:.3f} ms")
-            result["dropout_down_kernel_over_torch"][str(d_in)] = round(ms["kernel"] / ms["torch"], 3)
+            print(f"LoRA adapter side fwd+bwd with dropout, {d_in} -> {d_out}: torch ops {ms['torch']:.3f} ms, "
+                  f"C kernels {ms['kernel']:.3f} ms")
+            result["adapter_side_kernel_over_torch"][f"{d_in}x{d_out}"] = round(ms["kernel"] / ms["torch"], 3)
     # AdamW over SmolLM2's r = 8 adapter tensors on every linear layer (420 tensors, 4.9M values)
     shapes = [s for d_in, d_out in [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536),
                                     (1536, 576)] * 30 for s in ((args.r, d_in), (d_out, args.r))]  # fmt: skip

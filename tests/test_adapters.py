@@ -420,17 +420,19 @@ def test_hash_keep_mask_c_and_numpy_agree_and_look_like_bernoulli():
 @pytest.mark.parametrize("rank", [8, 3, 16])
 @pytest.mark.parametrize("rows", [7, 64])
 @pytest.mark.parametrize("d", [37, 64])
-def test_masked_down_kernel_matches_the_torch_formula(rank, rows, d):
-    """The C kernel's forward (rescale * A (x * m)) and backward (grad_A, grad_x += (gz A) * m)
-    against torch ops over the same mask: specialised ranks (8, 16) and the generic loop (3), an
-    odd number of rows (the kernel pairs rows); an odd width (rows start at odd element indices,
-    the last word is partial) and a multiple of 32 (every word from the vectorised hash)."""
+def test_adapter_kernels_match_the_torch_formulas(rank, rows, d):
+    """The C kernels' forward (phi = rescale * A (x * m), bias + s phi B.T) and backward (grad_A,
+    grad_B, the masked share of grad_x, with and without a gradient reaching phi) against torch ops
+    over the same mask: the r = 8 AVX-512 paths and the generic loops (3, 16), an odd number of
+    rows (the kernels pair rows); an odd width (rows start at odd element indices, the last word is
+    partial, tails of 16-lane vectors) and a multiple of 32 (every word from the vectorised hash)."""
     from mtlora.adapters import kernels
 
     if kernels.library() is None:
         pytest.skip("no C compiler: the torch path is used (and tested) instead")
     torch.manual_seed(0)
-    _check_masked_down(kernels, rank, rows, d=d, seed=99, drop16=9000, rescale=1.3)
+    _check_adapter_kernels(kernels, rank, rows, d=d, seed=99, drop16=9000, rescale=1.3)
+    _check_adapter_kernels(kernels, rank, rows, d=d, seed=0, drop16=0, rescale=1.0)  # no dropout: no hash
 
 
 def test_packed_keep_bits_match_the_hash_past_two_to_the_32_pairs():
@@ -447,18 +449,25 @@ def test_packed_keep_bits_match_the_hash_past_two_to_the_32_pairs():
         assert np.array_equal(got, ref), first
 
 
-def _check_masked_down(kernels, rank: int, rows: int, d: int, seed: int, drop16: int, rescale: float) -> None:
-    """The C kernel's forward and backward against torch ops over ``keep_mask``'s bits."""
-    x, a, gz, grad_x = torch.randn(rows, d), torch.randn(rank, d), torch.randn(rows, rank), torch.randn(rows, d)
+def _check_adapter_kernels(kernels, rank: int, rows: int, d: int, seed: int, drop16: int, rescale: float) -> None:
+    """``lora_forward`` / ``lora_backward`` against torch ops over ``keep_mask``'s bits (d_out = d + 5,
+    with a bias; the backward with and without phi's gradient)."""
+    d_out, s = d + 5, 0.7
+    x, a, b, bias = torch.randn(rows, d), torch.randn(rank, d), torch.randn(d_out, rank), torch.randn(d_out)
     keep = kernels.keep_mask((rows, d), seed, drop16)
     m = keep.float()
-    z, bits = kernels.masked_down(x, a, seed, drop16, rescale)
+    out, z, bits = kernels.lora_forward(x, a, b, bias, seed, drop16, rescale, s)
     assert torch.equal(kernels.unpack_bits(bits, d), keep)  # the packed mask the backward reads: the same bits
     torch.testing.assert_close(z, rescale * (x * m) @ a.T, atol=1e-5, rtol=1e-5)
-    expected_gx = (gz @ a) * m  # written over whatever grad_x held
-    grad_a = kernels.masked_down_backward(x, a, gz, grad_x, bits)
-    torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_x, expected_gx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, bias + s * z @ b.T, atol=1e-5, rtol=1e-5)
+    g = torch.randn(rows, d_out)
+    for g_phi in (None, torch.randn(rows, rank)):
+        gz = s * rescale * g @ b + (0 if g_phi is None else rescale * g_phi)
+        grad_x = torch.randn(rows, d)  # overwritten, not added to
+        grad_a, grad_b = kernels.lora_backward(g, b, z, g_phi, x, a, bits, grad_x, s * rescale, s, rescale)
+        torch.testing.assert_close(grad_b, s * g.T @ z, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(grad_a, gz.T @ (x * m), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(grad_x, (gz @ a) * m, atol=1e-4, rtol=1e-5)
 
 
 @ARCHS
@@ -521,27 +530,9 @@ def test_kernel_build_is_cached_atomically_and_a_missing_compiler_falls_back(tmp
         kernels.library.cache_clear()
 
 
-@pytest.mark.parametrize("rows", [7, 64])
-def test_up_backward_kernel_matches_blas(rows):
-    """``s g B`` and ``s g.T z`` from one pass over g equal the two BLAS products (r = 8, an odd
-    row count, a width that is not a multiple of 16); other ranks are declined, not mis-computed."""
-    from mtlora.adapters import kernels
-
-    if kernels.library() is None:
-        pytest.skip("no C compiler")
-    torch.manual_seed(0)
-    g, b, z = torch.randn(rows, 37), torch.randn(37, 8), torch.randn(rows, 8)
-    out = kernels.up_backward(g, b, z, 0.7, 1.3)
-    if out is None:
-        pytest.skip("no AVX-512 on this CPU: BLAS is used")
-    torch.testing.assert_close(out[0], 0.7 * g @ b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[1], 1.3 * g.T @ z, atol=1e-5, rtol=1e-5)
-    assert kernels.up_backward(g, torch.randn(37, 4), torch.randn(rows, 4), 1.0, 1.0) is None
-
-
 def test_kernels_built_without_avx512_agree_too(tmp_path, monkeypatch):
     """The portable loops (what a CPU without AVX-512 runs) give the same results as torch: built
-    here with -mno-avx512f into a fresh cache; ``up_backward`` then declines (BLAS is used)."""
+    here with -mno-avx512f into a fresh cache."""
     from mtlora.adapters import kernels
 
     monkeypatch.setenv("MTLORA_CACHE", str(tmp_path))
@@ -552,7 +543,6 @@ def test_kernels_built_without_avx512_agree_too(tmp_path, monkeypatch):
             pytest.skip("no C compiler")
         torch.manual_seed(0)
         for rank, rows in ((8, 9), (4, 6), (3, 5)):
-            _check_masked_down(kernels, rank, rows, d=21, seed=5, drop16=20000, rescale=0.9)
-        assert kernels.up_backward(torch.randn(4, 21), torch.randn(21, 8), torch.randn(4, 8), 1.0, 1.0) is None
+            _check_adapter_kernels(kernels, rank, rows, d=21, seed=5, drop16=20000, rescale=0.9)
     finally:
         kernels.library.cache_clear()

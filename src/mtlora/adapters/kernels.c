@@ -231,9 +231,10 @@ static float *zeroed_floats(int64_t n) {
     return (float *)p;
 }
 
-/* sum of n per-thread r x d partials into out (the threads' shares of grad_A / grad_B.T) */
+/* sum of n per-thread r x d partials into out (the threads' shares of grad_A / grad_B.T); out may be
+ * the first share itself */
 static void reduce_partials(float *out, const float *partials, int n, int64_t size) {
-    memcpy(out, partials, sizeof(float) * (size_t)size);
+    if (out != partials) memcpy(out, partials, sizeof(float) * (size_t)size);
     for (int p = 1; p < n; p++) {
         const float *src = partials + (int64_t)p * size;
 #pragma omp simd
@@ -271,23 +272,86 @@ static inline __attribute__((always_inline)) void forward_pair(const float *x, c
     }
 }
 
-/* z = rescale * (x * m) A.T for t_rows rows of d; the keep bits m go to bits (t_rows x ceil(d / 32)
- * words, see bits_row) for masked_down_backward. */
-int masked_down(const float *x, const float *a, float *z, uint32_t *bits, int64_t t_rows, int64_t d, int64_t r,
-                float rescale, uint32_t k1, uint32_t k2, uint32_t drop16) {
+/* r x d copy of the d x r matrix b (B.T: its rows are what the vector loops load), 64-byte aligned */
+static float *transposed(const float *b, int64_t d, int64_t r) {
+    float *bt = zeroed_floats(r * d);
+    if (bt)
+        for (int64_t o = 0; o < d; o++)
+            for (int64_t j = 0; j < r; j++) bt[j * d + o] = b[o * r + j];
+    return bt;
+}
+
+/* out[u] = bias + scale * z[u] B.T for one row (bt = B.T, r x d): the portable loop, any rank */
+static void up_row_any(const float *bt, const float *bias, const float *zu, float scale, int64_t d, int64_t r,
+                       float *ou) {
+    if (bias)
+        memcpy(ou, bias, sizeof(float) * (size_t)d);
+    else
+        memset(ou, 0, sizeof(float) * (size_t)d);
+    for (int64_t j = 0; j < r; j++) {
+        const float w = scale * zu[j], *btj = bt + j * d;
+#pragma omp simd
+        for (int64_t o = 0; o < d; o++) ou[o] += w * btj[o];
+    }
+}
+
+#if defined(__AVX512F__)
+/* the same for rows t and t + 1 with r = 8: each B.T load serves both rows */
+static inline __attribute__((always_inline)) void up_rows2_8(const float *bt, const float *bias, const float *z0,
+                                                             const float *z1, float scale, int64_t d, float *o0,
+                                                             float *o1) {
+    __m512 w0[8], w1[8];
+    for (int j = 0; j < 8; j++) {
+        w0[j] = _mm512_set1_ps(scale * z0[j]);
+        w1[j] = _mm512_set1_ps(scale * z1[j]);
+    }
+    for (int64_t o = 0; o < d; o += 16) {
+        const __mmask16 k = tail16(d, o);
+        __m512 c0 = bias ? _mm512_maskz_loadu_ps(k, bias + o) : _mm512_setzero_ps(), c1 = c0;
+        for (int j = 0; j < 8; j++) {
+            const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + o);
+            c0 = _mm512_fmadd_ps(w0[j], bj, c0);
+            c1 = _mm512_fmadd_ps(w1[j], bj, c1);
+        }
+        _mm512_mask_storeu_ps(o0 + o, k, c0);
+        _mm512_mask_storeu_ps(o1 + o, k, c1);
+    }
+}
+#endif
+
+/* The adapter's forward for t_rows rows, two at a time while they are in L1:
+ *   z   = rescale * (x * m) A.T          (t_rows x r; m's keep bits to bits, see bits_row)
+ *   out = bias + scale * z B.T           (t_rows x d_out; bias may be NULL)
+ * The caller then adds the frozen layer's x W0.T into out with a beta = 1 GEMM. */
+int lora_forward(const float *x, const float *a, const float *b, const float *bias, float *z, uint32_t *bits,
+                 float *out, int64_t t_rows, int64_t d_in, int64_t d_out, int64_t r, float rescale, float scale,
+                 uint32_t k1, uint32_t k2, uint32_t drop16) {
+    float *bt = transposed(b, d_out, r);
+    if (!bt) return -1;
     int failed = 0;
 #pragma omp parallel
     {
-        float *m = zeroed_floats(d);
+        float *m = zeroed_floats(d_in);
         if (!m) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < t_rows; t += 2)
-            if (m) forward_pair(x, a, z, bits, t, t_rows, d, r, rescale, k1, k2, drop16, m);
+        for (int64_t t = 0; t < t_rows; t += 2) {
+            if (!m) continue;
+            const int two = t + 1 < t_rows;
+            forward_pair(x, a, z, bits, t, t_rows, d_in, r, rescale, k1, k2, drop16, m);
+#if defined(__AVX512F__)
+            if (r == 8 && two) {
+                up_rows2_8(bt, bias, z + t * 8, z + (t + 1) * 8, scale, d_out, out + t * d_out, out + (t + 1) * d_out);
+                continue;
+            }
+#endif
+            for (int64_t u = t; u < t + 1 + two; u++) up_row_any(bt, bias, z + u * r, scale, d_out, r, out + u * d_out);
+        }
         free(m);
     }
+    free(bt);
     return failed ? -1 : 0;
 }
 
@@ -373,20 +437,21 @@ static inline __attribute__((always_inline)) void backward_rows2_8(const float *
 }
 #endif
 
-/* grad_a (this thread's partial) and grad_x for rows t and t + 1; buf: 7 d + r floats of scratch. */
-static inline __attribute__((always_inline)) void backward_pair(const float *x, const float *a, const float *gz,
-                                                                float *grad_x, float *grad_a, const uint32_t *bits,
-                                                                int64_t t, int64_t t_rows, int64_t d, int64_t r,
-                                                                float *buf) {
+/* grad_a (this thread's partial) and grad_x for rows t and t + 1 (gz rows h0, h1; h1 zero for the odd
+ * last row); buf: 7 d floats of scratch. */
+static inline __attribute__((always_inline)) void backward_pair(const float *x, const float *a, const float *h0,
+                                                                const float *h1, float *grad_x, float *grad_a,
+                                                                const uint32_t *bits, int64_t t, int64_t t_rows,
+                                                                int64_t d, int64_t r, float *buf) {
     float *m0 = buf, *m1 = buf + d, *xm0 = buf + 2 * d, *xm1 = buf + 3 * d, *spare = buf + 4 * d;
-    float *s0 = buf + 5 * d, *s1 = buf + 6 * d, *zero_g = buf + 7 * d;
+    float *s0 = buf + 5 * d, *s1 = buf + 6 * d;
     const int two = t + 1 < t_rows;
     const int64_t t1 = two ? t + 1 : t, words = (d + 31) / 32;
     const float *x0 = x + t * d, *x1 = x + t1 * d;
 #if defined(__AVX512F__)
     if (r == 8 && two) {
-        backward_rows2_8(a, grad_a, d, bits + t * words, bits + t1 * words, x0, x1, gz + t * r, gz + t1 * r,
-                         grad_x + t * d, grad_x + t1 * d);
+        backward_rows2_8(a, grad_a, d, bits + t * words, bits + t1 * words, x0, x1, h0, h1, grad_x + t * d,
+                         grad_x + t1 * d);
         return;
     }
 #endif
@@ -397,8 +462,6 @@ static inline __attribute__((always_inline)) void backward_pair(const float *x, 
         xm0[i] = m0[i] * x0[i];
         xm1[i] = m1[i] * x1[i];
     }
-    memset(zero_g, 0, sizeof(float) * (size_t)r);
-    const float *h0 = gz + t * r, *h1 = two ? gz + t1 * r : zero_g;
     float *gx0 = grad_x + t * d, *gx1 = two ? grad_x + t1 * d : spare;
     switch (r) {
     case 4: backward_rows_4(a, grad_a, d, m0, m1, xm0, xm1, h0, h1, gx0, gx1, s0, s1); break;
@@ -409,97 +472,124 @@ static inline __attribute__((always_inline)) void backward_pair(const float *x, 
     }
 }
 
-/* grad_A = gz.T (x * m) and grad_x = (gz A) * m, m read from the forward's bits (nothing is hashed).
- * grad_x is written, not accumulated: the caller adds g W0 into it afterwards with a beta = 1 GEMM.
- * The other order (GEMM first, then this kernel adding into its output) read the GEMM's freshly
- * written output back from memory: 0.37 vs 0.22 ms over the GEMM alone at d = 576, 2 threads. */
-int masked_down_backward(const float *x, const float *a, const float *gz, float *grad_x, float *grad_a,
-                         const uint32_t *bits, int64_t t_rows, int64_t d, int64_t r) {
+/* The up-projection's backward for rows t and t + 1 (g1 == g0 and z1 zero for the odd last row):
+ *   h[j]          = scale_gz * sum_o g[o] bt[j, o]      (the rows of gz = s g B)
+ *   grad_bt[j, o] += scale_gb * (z0[j] g0[o] + z1[j] g1[o])   (this thread's share of (s g.T z).T) */
+static void up_backward_rows_any(const float *g0, const float *g1, const float *bt, const float *z0, const float *z1,
+                                 float *grad_bt, int64_t d, int64_t r, float scale_gz, float scale_gb, float *h0,
+                                 float *h1) {
+    for (int64_t j = 0; j < r; j++) {
+        const float *btj = bt + j * d, w0 = scale_gb * z0[j], w1 = scale_gb * z1[j];
+        float *gbj = grad_bt + j * d, s0 = 0.0f, s1 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1)
+        for (int64_t o = 0; o < d; o++) {
+            s0 += g0[o] * btj[o];
+            s1 += g1[o] * btj[o];
+            gbj[o] += w0 * g0[o] + w1 * g1[o];
+        }
+        h0[j] = s0 * scale_gz;
+        h1[j] = s1 * scale_gz;
+    }
+}
+
+#if defined(__AVX512F__)
+/* the same with r = 8: 16 accumulators, each B.T / grad_B.T load serves both rows */
+static inline __attribute__((always_inline)) void up_backward_rows2_8(const float *g0, const float *g1,
+                                                                      const float *bt, const float *z0,
+                                                                      const float *z1, float *grad_bt, int64_t d,
+                                                                      float scale_gz, float scale_gb, float *h0,
+                                                                      float *h1) {
+    __m512 c0[8], c1[8], w0[8], w1[8];
+    for (int j = 0; j < 8; j++) {
+        c0[j] = c1[j] = _mm512_setzero_ps();
+        w0[j] = _mm512_set1_ps(z0[j] * scale_gb);
+        w1[j] = _mm512_set1_ps(z1[j] * scale_gb);
+    }
+    for (int64_t o = 0; o < d; o += 16) {
+        const __mmask16 k = tail16(d, o);
+        prefetch_next_pair(g0 + o, g1 + o, d);
+        const __m512 v0 = _mm512_maskz_loadu_ps(k, g0 + o), v1 = _mm512_maskz_loadu_ps(k, g1 + o);
+        for (int j = 0; j < 8; j++) {
+            const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + o);
+            c0[j] = _mm512_fmadd_ps(bj, v0, c0[j]);
+            c1[j] = _mm512_fmadd_ps(bj, v1, c1[j]);
+            __m512 gb = _mm512_maskz_loadu_ps(k, grad_bt + j * d + o);
+            gb = _mm512_fmadd_ps(w1[j], v1, _mm512_fmadd_ps(w0[j], v0, gb));
+            _mm512_mask_storeu_ps(grad_bt + j * d + o, k, gb);
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        h0[j] = _mm512_reduce_add_ps(c0[j]) * scale_gz;
+        h1[j] = _mm512_reduce_add_ps(c1[j]) * scale_gz;
+    }
+}
+#endif
+
+/* The adapter's whole backward, two rows at a time: for each pair, first the up-projection's share
+ * (gz rows from g, grad_B), then, with gz still in registers, the down-projection's (grad_A and the
+ * masked share of grad_x from x and the forward's keep bits):
+ *   gz     = scale_gz * g B + phi_scale * g_phi     (g_phi: the gradient of phi = z, may be NULL)
+ *   grad_B = scale_gb * g.T z                        (d_out x r, B's layout)
+ *   grad_A = gz.T (x * m)
+ *   grad_x = (gz A) * m      written, not accumulated: the caller adds g W0 into it with a beta = 1
+ *                            GEMM. (Adding into the GEMM's freshly written output instead re-read it
+ *                            from memory: 0.37 vs 0.22 ms over the GEMM alone at d = 576, 2 threads.)
+ * One pass over g, x and grad_x's rows together: gz never goes to memory, and the three streams'
+ * cache misses overlap. */
+int lora_backward(const float *g, const float *b, const float *z, const float *g_phi, const float *x, const float *a,
+                  const uint32_t *bits, float *grad_x, float *grad_a, float *grad_b, int64_t t_rows, int64_t d_in,
+                  int64_t d_out, int64_t r, float scale_gz, float scale_gb, float phi_scale) {
     const int n = n_threads();
-    float *partials = zeroed_floats((int64_t)n * r * d);
-    if (!partials) return -1;
+    float *bt = transposed(b, d_out, r);
+    float *partials_a = zeroed_floats((int64_t)n * r * d_in), *partials_bt = zeroed_floats((int64_t)n * r * d_out);
     int failed = 0;
+    if (!bt || !partials_a || !partials_bt) {
+        free(bt);
+        free(partials_a);
+        free(partials_bt);
+        return -1;
+    }
 #pragma omp parallel num_threads(n)
     {
-        float *buf = zeroed_floats(d * 7 + r);
-        float *mine = partials + (int64_t)thread_id() * r * d;
+        float *buf = zeroed_floats(d_in * 7 + r * 3);
+        float *mine_a = partials_a + (int64_t)thread_id() * r * d_in;
+        float *mine_bt = partials_bt + (int64_t)thread_id() * r * d_out;
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
         }
+        float *h0 = buf + d_in * 7, *h1 = h0 + r, *zero = h1 + r; /* zero: r zeros (z of the odd row's partner) */
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < t_rows; t += 2)
-            if (buf) backward_pair(x, a, gz, grad_x, mine, bits, t, t_rows, d, r, buf);
+        for (int64_t t = 0; t < t_rows; t += 2) {
+            if (!buf) continue;
+            const int two = t + 1 < t_rows;
+            const float *g0 = g + t * d_out, *g1 = two ? g0 + d_out : g0;
+            const float *z0 = z + t * r, *z1 = two ? z0 + r : zero;
+#if defined(__AVX512F__)
+            if (r == 8)
+                up_backward_rows2_8(g0, g1, bt, z0, z1, mine_bt, d_out, scale_gz, scale_gb, h0, h1);
+            else
+#endif
+                up_backward_rows_any(g0, g1, bt, z0, z1, mine_bt, d_out, r, scale_gz, scale_gb, h0, h1);
+            if (g_phi)
+                for (int64_t j = 0; j < r; j++) {
+                    h0[j] += phi_scale * g_phi[t * r + j];
+                    h1[j] = two ? h1[j] + phi_scale * g_phi[(t + 1) * r + j] : 0.0f;
+                }
+            else if (!two)
+                memset(h1, 0, sizeof(float) * (size_t)r);
+            backward_pair(x, a, h0, h1, grad_x, mine_a, bits, t, t_rows, d_in, r, buf);
+        }
         free(buf);
     }
-    if (!failed) reduce_partials(grad_a, partials, n, r * d);
-    free(partials);
+    if (!failed) {
+        reduce_partials(grad_a, partials_a, n, r * d_in);
+        reduce_partials(partials_bt, partials_bt, n, r * d_out); /* summed in place into the first share */
+        for (int64_t o = 0; o < d_out; o++)
+            for (int64_t j = 0; j < r; j++) grad_b[o * r + j] = partials_bt[j * d_out + o];
+    }
+    free(bt);
+    free(partials_a);
+    free(partials_bt);
     return failed ? -1 : 0;
-}
-
-#if defined(__AVX512F__)
-/* The up-projection's backward for rows t and t + 1 (r = 8): gz rows and this thread's grad_bt. */
-static inline __attribute__((always_inline)) void up_backward_pair(const float *g, const float *bt, const float *z, float *gz, float *grad_bt,
-                             int64_t t, int64_t t_rows, int64_t d, float scale_gz, float scale_gb) {
-    const int two = t + 1 < t_rows;
-    const float *g0 = g + t * d, *g1 = two ? g + (t + 1) * d : g0;
-    __m512 c0[8], c1[8], w0[8], w1[8];
-    for (int j = 0; j < 8; j++) {
-        c0[j] = c1[j] = _mm512_setzero_ps();
-        w0[j] = _mm512_set1_ps(z[t * 8 + j] * scale_gb);
-        w1[j] = _mm512_set1_ps(two ? z[(t + 1) * 8 + j] * scale_gb : 0.0f);
-    }
-    for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 k = tail16(d, i);
-        prefetch_next_pair(g0 + i, g1 + i, d);
-        const __m512 v0 = _mm512_maskz_loadu_ps(k, g0 + i), v1 = _mm512_maskz_loadu_ps(k, g1 + i);
-        for (int j = 0; j < 8; j++) {
-            const __m512 bj = _mm512_maskz_loadu_ps(k, bt + j * d + i);
-            c0[j] = _mm512_fmadd_ps(bj, v0, c0[j]);
-            c1[j] = _mm512_fmadd_ps(bj, v1, c1[j]);
-            __m512 gb = _mm512_maskz_loadu_ps(k, grad_bt + j * d + i);
-            gb = _mm512_fmadd_ps(w1[j], v1, _mm512_fmadd_ps(w0[j], v0, gb));
-            _mm512_mask_storeu_ps(grad_bt + j * d + i, k, gb);
-        }
-    }
-    for (int j = 0; j < 8; j++) {
-        gz[t * 8 + j] = _mm512_reduce_add_ps(c0[j]) * scale_gz;
-        if (two) gz[(t + 1) * 8 + j] = _mm512_reduce_add_ps(c1[j]) * scale_gz;
-    }
-}
-#endif
-
-/* The rank up_backward serves (0: none, no AVX-512), so a caller can skip it without a call. */
-int up_backward_rank(void) {
-#if defined(__AVX512F__)
-    return 8;
-#else
-    return 0;
-#endif
-}
-
-/* The up-projection's two backward products in one pass over g (tokens x d_out), r = 8, AVX-512:
- *   gz[t, j]     = scale_gz * sum_o g[t, o] * bt[j, o]      (bt = B.T, r x d_out, contiguous)
- *   grad_bt[j, o] = scale_gb * sum_t z[t, j] * g[t, o]
- * Returns -2 where it does not apply (another rank, no AVX-512): the caller uses BLAS then. */
-int up_backward(const float *g, const float *bt, const float *z, float *gz, float *grad_bt, int64_t t_rows,
-                int64_t d, int64_t r, float scale_gz, float scale_gb) {
-#if defined(__AVX512F__)
-    if (r != 8) return -2;
-    const int n = n_threads();
-    float *partials = zeroed_floats((int64_t)n * r * d);
-    if (!partials) return -1;
-#pragma omp parallel num_threads(n)
-    {
-        float *mine = partials + (int64_t)thread_id() * r * d;
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < t_rows; t += 2) up_backward_pair(g, bt, z, gz, mine, t, t_rows, d, scale_gz, scale_gb);
-    }
-    reduce_partials(grad_bt, partials, n, r * d);
-    free(partials);
-    return 0;
-#else
-    (void)g, (void)bt, (void)z, (void)gz, (void)grad_bt, (void)t_rows, (void)d, (void)r, (void)scale_gz, (void)scale_gb;
-    return -2;
-#endif
 }

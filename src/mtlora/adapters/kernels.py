@@ -86,11 +86,9 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.keep_mask.argtypes = [_PTR, _I64, _U32, _U32, _U32]
     lib.keep_bits_row.argtypes = [_PTR, _I64, ctypes.c_uint64, _U32, _U32, _U32]
-    lib.masked_down.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _U32, _U32, _U32]
-    lib.masked_down_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64]
-    lib.up_backward.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F32, _F32]
-    lib.up_rank = lib.up_backward_rank()  # asked once: a declined call would still cost its copies
-    lib.masked_down.restype = lib.masked_down_backward.restype = lib.up_backward.restype = ctypes.c_int
+    lib.lora_forward.argtypes = [_PTR] * 7 + [_I64] * 4 + [_F32, _F32, _U32, _U32, _U32]
+    lib.lora_backward.argtypes = [_PTR] * 10 + [_I64] * 4 + [_F32] * 3
+    lib.lora_forward.restype = lib.lora_backward.restype = ctypes.c_int
     return lib
 
 
@@ -150,22 +148,34 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and library() is not None
 
 
-def masked_down(
-    x2: torch.Tensor, a: torch.Tensor, seed: int, drop16: int, rescale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, bits)``: ``z = rescale * (x2 * m) @ a.T`` for a 2-D float32 ``x2`` and
-    ``m = keep_mask(x2.shape, seed, drop16)``, and ``m`` packed for ``masked_down_backward``
-    (``bits``: int32, one row of ``ceil(d / 32)`` words per row of ``x2``, bit ``i % 32`` of word
-    ``i // 32`` = ``m[t, i]``; ``unpack_bits`` reverses it). 1 bit per element kept until backward
-    instead of the hash recomputed there."""
-    x2, a = x2.contiguous(), a.contiguous()
-    z = torch.empty(x2.shape[0], a.shape[0], dtype=x2.dtype)
-    bits = torch.empty(x2.shape[0], (x2.shape[1] + 31) // 32, dtype=torch.int32)
-    rc = library().masked_down(x2.data_ptr(), a.data_ptr(), z.data_ptr(), bits.data_ptr(), x2.shape[0], x2.shape[1],
-                               a.shape[0], rescale, *_keys(seed), drop16)
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def lora_forward(
+    x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+    seed: int, drop16: int, rescale: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The adapter's side of a LoRA layer's forward for a 2-D float32 ``x2`` (rows x d_in):
+    ``(out, z, bits)`` with ``m = keep_mask(x2.shape, seed, drop16)`` (``drop16 = 0``: all kept),
+
+    - ``z = rescale * (x2 * m) @ a.T`` (phi),
+    - ``out = bias + scale * z @ b.T`` (the caller adds the frozen ``x2 @ W0.T`` into it, beta = 1),
+    - ``bits``: ``m`` packed for ``lora_backward`` (int32, ``ceil(d_in / 32)`` words a row, bit
+      ``i % 32`` of word ``i // 32`` is ``m[t, i]``; ``unpack_bits`` reverses it).
+    """  # fmt: skip
+    x2, a, b = x2.contiguous(), a.contiguous(), b.contiguous()
+    rows, d_in, d_out, r = x2.shape[0], x2.shape[1], b.shape[0], a.shape[0]
+    z = torch.empty(rows, r, dtype=x2.dtype)
+    bits = torch.empty(rows, (d_in + 31) // 32, dtype=torch.int32)
+    out = torch.empty(rows, d_out, dtype=x2.dtype)
+    rc = library().lora_forward(
+        x2.data_ptr(), a.data_ptr(), b.data_ptr(), _ptr(None if bias is None else bias.contiguous()), z.data_ptr(),
+        bits.data_ptr(), out.data_ptr(), rows, d_in, d_out, r, rescale, scale, *_keys(seed), drop16,
+    )  # fmt: skip
     if rc != 0:
-        raise MemoryError("masked_down: could not allocate a row buffer")
-    return z, bits
+        raise MemoryError("lora_forward: could not allocate scratch memory")
+    return out, z, bits
 
 
 def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
@@ -175,35 +185,29 @@ def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
     return unpacked.reshape(bits.shape[0], -1)[:, :d].to(torch.uint8)
 
 
-def masked_down_backward(
-    x2: torch.Tensor, a: torch.Tensor, gz: torch.Tensor, grad_x: torch.Tensor, bits: torch.Tensor
-) -> torch.Tensor:
-    """``grad_A = gz.T @ (x2 * m)``; writes ``(gz @ a) * m`` into ``grad_x`` (contiguous, overwritten:
-    add the frozen layer's share after, with a beta = 1 GEMM); ``m`` from ``bits`` (``masked_down``'s)."""
-    x2, a, gz, bits = x2.contiguous(), a.contiguous(), gz.contiguous(), bits.contiguous()
+def lora_backward(
+    g2: torch.Tensor, b: torch.Tensor, z: torch.Tensor, g_phi: torch.Tensor | None, x2: torch.Tensor,
+    a: torch.Tensor, bits: torch.Tensor, grad_x: torch.Tensor, scale_gz: float, scale_gb: float, phi_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's side of the backward, one pass over the rows of ``g2``, ``x2`` and ``grad_x``:
+    returns ``(grad_A, grad_B)`` and writes ``grad_x`` (contiguous, overwritten; add ``g2 @ W0`` into
+    it after, with a beta = 1 GEMM)::
+
+        gz     = scale_gz * g2 @ b + phi_scale * g_phi     (g_phi: phi's gradient, or None)
+        grad_B = scale_gb * g2.T @ z
+        grad_A = gz.T @ (x2 * m),   grad_x = (gz @ a) * m  (m from lora_forward's bits)
+    """  # fmt: skip
+    g2, b, z, x2, a, bits = (t.contiguous() for t in (g2, b, z, x2, a, bits))
     if not grad_x.is_contiguous():
         raise ValueError("grad_x must be contiguous")
-    grad_a = torch.empty_like(a)
-    rc = library().masked_down_backward(
-        x2.data_ptr(), a.data_ptr(), gz.data_ptr(), grad_x.data_ptr(), grad_a.data_ptr(), bits.data_ptr(),
-        x2.shape[0], x2.shape[1], a.shape[0],
+    if g_phi is not None:
+        g_phi = g_phi.reshape(z.shape).contiguous()
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    rc = library().lora_backward(
+        g2.data_ptr(), b.data_ptr(), z.data_ptr(), _ptr(g_phi), x2.data_ptr(), a.data_ptr(), bits.data_ptr(),
+        grad_x.data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(), x2.shape[0], x2.shape[1], b.shape[0], a.shape[0],
+        scale_gz, scale_gb, phi_scale,
     )  # fmt: skip
     if rc != 0:
-        raise MemoryError("masked_down_backward: could not allocate a row buffer")
-    return grad_a
-
-
-def up_backward(
-    g2: torch.Tensor, b: torch.Tensor, z: torch.Tensor, scale_gz: float, scale_gb: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(scale_gz * g2 @ b, scale_gb * g2.T @ z)`` in one pass over ``g2`` (the up-projection's
-    backward), or None where the kernel does not apply (r != 8, no AVX-512): use BLAS then."""
-    if b.shape[1] != library().up_rank:
-        return None
-    g2, z = g2.contiguous(), z.contiguous()
-    bt = b.mT.contiguous()
-    gz = torch.empty(g2.shape[0], b.shape[1], dtype=g2.dtype)
-    grad_bt = torch.empty_like(bt)
-    rc = library().up_backward(g2.data_ptr(), bt.data_ptr(), z.data_ptr(), gz.data_ptr(), grad_bt.data_ptr(),
-                               g2.shape[0], g2.shape[1], b.shape[1], scale_gz, scale_gb)
-    return None if rc != 0 else (gz, grad_bt.mT.contiguous())
+        raise MemoryError("lora_backward: could not allocate scratch memory")
+    return grad_a, grad_b

@@ -258,8 +258,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, keep, w0, bias, a, b, scale: float, rescale: float, seed: int | None = None, drop16: int = 0):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.seed, ctx.drop16, bits = None, drop16, None
-        if seed is not None and kernels.usable(x2, a):
-            z, bits = kernels.masked_down(x2, a, seed, drop16, rescale)
+        if seed is not None and kernels.usable(x2, w0, a, b, *([] if bias is None else [bias])):
+            out, z, bits = kernels.lora_forward(x2, a, b, bias, seed, drop16, rescale, scale)
             ctx.seed = seed
         else:
             if seed is not None and drop16 > 0:
@@ -268,10 +268,10 @@ class _FusedLoraLinear(torch.autograd.Function):
             z = (a @ xk.mT).mT  # an r-row GEMM: 0.6x the time of xk @ a.mT on CPU BLAS (adapter_kernels.py)
             if rescale != 1.0:
                 z.mul_(rescale)
+            sb = (b * scale).mT
+            out = torch.addmm(bias, z, sb) if bias is not None else z @ sb
         # the thin product first, then the frozen layer's GEMM accumulates into it (beta = 1): adding
         # the thin product afterwards re-read the GEMM's freshly written output from memory
-        sb = (b * scale).mT
-        out = torch.addmm(bias, z, sb) if bias is not None else z @ sb
         out.addmm_(x2, w0.mT)
         ctx.save_for_backward(x, keep, w0, a, b, z, bits)
         ctx.scale, ctx.rescale = scale, rescale
@@ -286,30 +286,28 @@ class _FusedLoraLinear(torch.autograd.Function):
             g = x.new_zeros(*x.shape[:-1], w0.shape[0])
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        in_kernel = ctx.seed is not None and not torch.is_grad_enabled()  # second order: the torch formula
-        if ctx.seed is not None and not in_kernel and ctx.drop16 > 0:
+        grad_x = grad_a = grad_b = grad_w0 = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_w0 = g2.mT @ x2
+        if ctx.needs_input_grad[3]:
+            grad_bias = g2.sum(0)
+        if ctx.seed is not None and not torch.is_grad_enabled():  # the C kernel (first order only)
+            grad_x = torch.empty_like(x2)  # the adapter's share first, then g W0 added into it (kernels.c)
+            grad_a, grad_b = kernels.lora_backward(g2, b, z, g_phi, x2, a, bits, grad_x, s * rescale, s, rescale)
+            grad_x = grad_x.addmm_(g2, w0).reshape(x.shape) if ctx.needs_input_grad[0] else None
+            return (grad_x, None, grad_w0, grad_bias, grad_a if ctx.needs_input_grad[4] else None,
+                    grad_b if ctx.needs_input_grad[5] else None, None, None, None, None)  # fmt: skip
+        if ctx.seed is not None and ctx.drop16 > 0:  # a second-order backward: the mask from the seed
             keep = kernels.keep_mask(x.shape, ctx.seed, ctx.drop16)
         k2 = None if keep is None else keep.reshape(x2.shape)
-        grad_x = grad_a = grad_b = grad_w0 = grad_bias = None
-        need_z = ctx.needs_input_grad[0] or ctx.needs_input_grad[4]
         gz = None
-        fused_up = None  # (s rescale g B, s g.T z) in one pass over g (C kernel, first order only)
-        if need_z and ctx.needs_input_grad[5] and not torch.is_grad_enabled() and kernels.usable(g2, b, z):
-            fused_up = kernels.up_backward(g2, b, z.reshape(g2.shape[0], -1), s * rescale, s)
-        if need_z:  # d loss / d ((x * keep) A.T): through the output, and through phi when a loss reads it
-            if fused_up is not None:
-                gz = fused_up[0] if g_phi is None else fused_up[0] + g_phi.reshape(fused_up[0].shape) * rescale
-            else:
-                gz = _up_grad_z(g2, b, s)
-                if g_phi is not None:
-                    gz = gz + g_phi.reshape(gz.shape)
-                gz = gz * rescale
-        if in_kernel and need_z:  # grad_A and the masked share of grad_x in one pass, the mask from its bits
-            grad_x = torch.empty_like(x2)  # the masked share first, then g W0 added into it (see kernels.c)
-            grad_a = kernels.masked_down_backward(x2, a, gz, grad_x, bits)
-            grad_x = grad_x.addmm_(g2, w0).reshape(x.shape) if ctx.needs_input_grad[0] else None
-            grad_a = grad_a if ctx.needs_input_grad[4] else None
-        elif ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            # d loss / d ((x * keep) A.T): through the output, and through phi when a loss reads it
+            gz = _up_grad_z(g2, b, s)
+            if g_phi is not None:
+                gz = gz + g_phi.reshape(gz.shape)
+            gz = gz * rescale
+        if ctx.needs_input_grad[0]:
             if k2 is None and g_phi is None:
                 grad_x = g2 @ torch.addmm(w0, b, a, alpha=s * rescale)
             else:
@@ -319,18 +317,12 @@ class _FusedLoraLinear(torch.autograd.Function):
                 else:
                     grad_x.addcmul_(gz @ a, k2)
             grad_x = grad_x.reshape(x.shape)
-        if ctx.needs_input_grad[4] and not in_kernel:
+        if ctx.needs_input_grad[4]:
             grad_a = gz.mT @ (x2 if k2 is None else x2 * k2)
-        if ctx.needs_input_grad[5] and fused_up is not None:
-            grad_b = fused_up[1]
-        elif ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[5]:
             if torch.is_grad_enabled():  # a second-order backward: z must be a function of x and A
                 z = ((x2 if k2 is None else x2 * k2) @ a.mT) * rescale
             grad_b = _up_grad_b(z, g2, s)
-        if ctx.needs_input_grad[2]:
-            grad_w0 = g2.mT @ x2
-        if ctx.needs_input_grad[3]:
-            grad_bias = g2.sum(0)
         return grad_x, None, grad_w0, grad_bias, grad_a, grad_b, None, None, None, None
 
 
