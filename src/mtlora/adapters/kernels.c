@@ -1,9 +1,12 @@
-/* LoRA kernels on CPU: the dropout-masked down-projection without a materialised mask or masked
- * input, and the up-projection's two backward products in one pass (up_backward, at the end).
+/* A plain LoRA layer's adapter side on CPU, one pass over the rows each way (lora_forward,
+ * lora_backward at the end); the frozen layer's GEMM (BLAS) then accumulates into their output.
  *
- *   forward:   z[t, j]      = rescale * sum_i A[j, i] * m[t, i] * x[t, i]
- *   backward:  grad_A[j, i] = sum_t gz[t, j] * m[t, i] * x[t, i]
- *              grad_x[t, i] = m[t, i] * sum_j gz[t, j] * A[j, i]      (then the caller adds g W0)
+ *   forward:   z[t, j]      = rescale * sum_i A[j, i] * m[t, i] * x[t, i]        (phi)
+ *              out[t, o]    = bias[o] + scale * sum_j z[t, j] * B[o, j]          (then += x W0.T)
+ *   backward:  gz[t, j]     = scale_gz * sum_o g[t, o] * B[o, j]  (+ phi's gradient)
+ *              grad_B[o, j] = scale_gb * sum_t g[t, o] * z[t, j]
+ *              grad_A[j, i] = sum_t gz[t, j] * m[t, i] * x[t, i]
+ *              grad_x[t, i] = m[t, i] * sum_j gz[t, j] * A[j, i]                  (then += g W0)
  *
  * m[t, i] is a Bernoulli keep bit computed from (seed, t * D + i) by a counter-based hash. The forward
  * packs it at 1 bit per element (bits_row) for the backward, which reads those bits instead of
@@ -408,7 +411,7 @@ static void backward_rows_any(const float *a, float *grad_a, int64_t d, int64_t 
 
 #if defined(__AVX512F__)
 /* r = 8 with AVX-512: the two rows' gz broadcast once, the keep bits the load masks of x and the zero
- * masks of grad_x's rows (written, not read: see masked_down_backward). */
+ * masks of grad_x's rows (written, not read: see lora_backward). */
 static inline __attribute__((always_inline)) void backward_rows2_8(const float *a, float *grad_a, int64_t d,
                                                                    const uint32_t *w0, const uint32_t *w1,
                                                                    const float *x0, const float *x1, const float *h0,

@@ -1,17 +1,18 @@
-"""Small C kernels for LoRA on CPU: the dropout-masked down-projection without a stored mask, and
-the up-projection's two backward products in one pass.
+"""C kernels for a plain LoRA layer's adapter side on CPU: one call for the forward, one for the
+backward, each one pass over the layer's rows (the frozen GEMM stays with BLAS).
 
 Why: with dropout, every adapted layer draws a ``tokens x d_in`` Bernoulli mask, multiplies it
 into its input once in the forward and again in the backward (``A (x * m)`` and its gradients),
 and adds the masked share ``(gz A) * m`` to the input gradient: four full-width passes and a mask
 held until backward (1 byte per input element, ~150 MB per SmolLM2 step of 8 x 128 tokens). These
-were the largest item between our LoRA step and the frozen base's (``docs/performance.md``).
-``kernels.c`` does the same maths row by row without forming the masked input: the mask comes from
-``(seed, element index)`` through a counter-based hash in the forward, which packs it at 1 bit per
-element for the backward (~19 MB per SmolLM2 step instead of ~150 MB as bytes; the backward reads the
-bits instead of hashing again, ``docs/performance.md``).
-For every LoRA layer, dropout or not, ``up_backward`` forms ``s g B`` and ``s g.T z`` reading the
-output gradient ``g`` once instead of twice (r = 8 with AVX-512; BLAS otherwise).
+were the largest item between our LoRA step and the frozen base's (``docs/performance.md``); the
+thin products around them (``z B.T``, ``g B``, ``g.T z``) each cost another pass over a full-width
+activation. ``lora_forward`` hashes the mask from ``(seed, element index)`` (a counter-based hash;
+nothing without dropout), forms ``z = A (x * m)`` and writes ``bias + s z B.T``, two rows at a time
+while they are in L1, and keeps the mask packed at 1 bit per element (~19 MB per SmolLM2 step);
+``lora_backward`` forms ``gz``, ``grad_B``, ``grad_A`` and the masked share of ``grad_x`` in one
+pass over ``g``, ``x`` and ``grad_x``. The frozen layer's GEMM then accumulates into the kernels'
+output (beta = 1), which was faster than adding into the GEMM's freshly written output.
 
 The mask is the same function of the seed everywhere: ``keep_mask`` (the C kernel or its numpy
 twin, bit-identical and tested to be) gives the mask the C kernel applies, so the plain formula,
@@ -179,7 +180,7 @@ def lora_forward(
 
 
 def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
-    """``masked_down``'s packed mask as a uint8 ``(rows, d)`` keep mask."""
+    """``lora_forward``'s packed mask as a uint8 ``(rows, d)`` keep mask."""
     shifts = torch.arange(32, dtype=torch.int32)
     unpacked = (bits.unsqueeze(-1) >> shifts) & 1  # (rows, words, 32)
     return unpacked.reshape(bits.shape[0], -1)[:, :d].to(torch.uint8)
