@@ -418,14 +418,15 @@ def test_hash_keep_mask_c_and_numpy_agree_and_look_like_bernoulli():
 
 
 @pytest.mark.parametrize("rank", [8, 3, 16])
-@pytest.mark.parametrize("rows", [7, 64])
-@pytest.mark.parametrize("d", [37, 64])
+@pytest.mark.parametrize("rows", [0, 1, 7, 64])
+@pytest.mark.parametrize("d", [5, 37, 64])
 def test_adapter_kernels_match_the_torch_formulas(rank, rows, d):
     """The C kernels' forward (phi = rescale * A (x * m), bias + s phi B.T) and backward (grad_A,
     grad_B, the masked share of grad_x, with and without a gradient reaching phi) against torch ops
-    over the same mask: the r = 8 AVX-512 paths and the generic loops (3, 16), an odd number of
-    rows (the kernels pair rows); an odd width (rows start at odd element indices, the last word is
-    partial, tails of 16-lane vectors) and a multiple of 32 (every word from the vectorised hash)."""
+    over the same mask: the r = 8 AVX-512 paths and the generic loops (3, 16); no rows, one row and
+    an odd number of rows (the kernels pair rows); widths below one 16-lane vector, odd (rows start
+    at odd element indices, the last word is partial) and a multiple of 32 (every word from the
+    vectorised hash)."""
     from mtlora.adapters import kernels
 
     if kernels.library() is None:

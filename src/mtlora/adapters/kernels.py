@@ -183,7 +183,7 @@ def unpack_bits(bits: torch.Tensor, d: int) -> torch.Tensor:
     """``lora_forward``'s packed mask as a uint8 ``(rows, d)`` keep mask."""
     shifts = torch.arange(32, dtype=torch.int32)
     unpacked = (bits.unsqueeze(-1) >> shifts) & 1  # (rows, words, 32)
-    return unpacked.reshape(bits.shape[0], -1)[:, :d].to(torch.uint8)
+    return unpacked.reshape(bits.shape[0], bits.shape[1] * 32)[:, :d].to(torch.uint8)
 
 
 def lora_backward(
