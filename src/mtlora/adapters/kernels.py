@@ -166,12 +166,13 @@ def lora_forward(
       ``i % 32`` of word ``i // 32`` is ``m[t, i]``; ``unpack_bits`` reverses it).
     """  # fmt: skip
     x2, a, b = x2.contiguous(), a.contiguous(), b.contiguous()
+    bias = None if bias is None else bias.contiguous()  # kept referenced: its pointer goes to C
     rows, d_in, d_out, r = x2.shape[0], x2.shape[1], b.shape[0], a.shape[0]
     z = torch.empty(rows, r, dtype=x2.dtype)
     bits = torch.empty(rows, (d_in + 31) // 32, dtype=torch.int32)
     out = torch.empty(rows, d_out, dtype=x2.dtype)
     rc = library().lora_forward(
-        x2.data_ptr(), a.data_ptr(), b.data_ptr(), _ptr(None if bias is None else bias.contiguous()), z.data_ptr(),
+        x2.data_ptr(), a.data_ptr(), b.data_ptr(), _ptr(bias), z.data_ptr(),
         bits.data_ptr(), out.data_ptr(), rows, d_in, d_out, r, rescale, scale, *_keys(seed), drop16,
     )  # fmt: skip
     if rc != 0:
