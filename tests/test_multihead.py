@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rlora_reinit_port import RepoLinear, fine_tuning_sh_config, reinit_lora_modules
 from safetensors.torch import load_file
 from torch import nn
 
@@ -25,7 +26,6 @@ from mtlora.adapters.lora import InputDropout
 from mtlora.adapters.multihead import METHODS, MultiHeadLoraLinear, router_aux_loss
 from mtlora.errors import UserError
 from mtlora.testing import TINY_ARCHS, tiny_model
-from rlora_reinit_port import RepoLinear, fine_tuning_sh_config, reinit_lora_modules
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
 TYPES = pytest.mark.parametrize("method", METHODS)
