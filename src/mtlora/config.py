@@ -123,7 +123,10 @@ class MetaConfig:
     outer step size independent of n.
     """
 
-    k: int = field(default=50, metadata={"help": "examples per task (k-shot: the first k of the train split)"})
+    k: int = field(default=50, metadata={"help": "examples per task (k-shot), drawn from the train split per seed"})
+    pool_seed: int | None = field(
+        default=None, metadata={"help": "seed of the k-shot draw (default: train.seed, so seeds vary the data)"}
+    )
     support_fraction: float = field(default=0.5, metadata={"help": "share of the k shots in the support pool"})
     support_size: int = field(default=4, metadata={"help": "support examples per task per meta-iteration"})
     query_size: int = field(default=4, metadata={"help": "query examples per task per meta-iteration"})
@@ -143,6 +146,8 @@ class MetaConfig:
                 raise UserError(f"meta.{name}", "expected an integer >= 1")
         if not 0 < self.support_fraction < 1:
             raise UserError("meta.support_fraction", "expected a number in (0, 1)")
+        if self.pool_seed is not None and self.pool_seed < 0:
+            raise UserError("meta.pool_seed", "expected an integer >= 0")
         if self.inner_lr <= 0 or self.outer_lr <= 0:
             raise UserError("meta.inner_lr" if self.inner_lr <= 0 else "meta.outer_lr", "expected a positive number")
 
