@@ -89,7 +89,10 @@ class AlignConfig:
     require_all_steps: bool = field(
         default=False, metadata={"help": "error (instead of skip+count) on a batch with fewer than 2 tasks"}
     )
-    eps: float = field(default=1e-5, metadata={"help": "variance floor"})
+    variance: Literal["biased", "unbiased"] = field(
+        default="biased", metadata={"help": "per-task variance: biased (1/n) or unbiased (1/(n-1), the released code)"}
+    )
+    eps: float = field(default=1e-5, metadata={"help": "variance floor (the released code: 1e-8)"})
     mmd_bandwidths: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
         metadata={"help": "log-spaced Gaussian bandwidths sigma of the MMD kernel sum"},
@@ -98,6 +101,11 @@ class AlignConfig:
         default=True, metadata={"help": "bandwidths multiply the mean pairwise squared distance (detached)"}
     )
     mmd_tokens_per_task: int = field(default=32, metadata={"help": "tokens per task per layer kept for MMD"})
+    mmd_kernel: Literal["pooled", "repo"] = field(
+        default="pooled",
+        metadata={"help": "pooled: token-pooled, subsampled, mmd_bandwidths; repo: the released A-LoRA-M kernel, "
+                  "19 absolute bandwidths 1e-6..1e6 between rows at the same position"},
+    )
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -108,6 +116,10 @@ class AlignConfig:
             raise UserError("align.mmd_bandwidths", "expected a non-empty list of positive numbers")
         if self.mmd_tokens_per_task < 2:
             raise UserError("align.mmd_tokens_per_task", "expected an integer >= 2")
+        if self.variance not in ("biased", "unbiased"):
+            raise UserError("align.variance", f"expected biased or unbiased, got {self.variance!r}")
+        if self.mmd_kernel not in ("pooled", "repo"):
+            raise UserError("align.mmd_kernel", f"expected pooled or repo, got {self.mmd_kernel!r}")
 
 
 @dataclass
