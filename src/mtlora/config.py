@@ -74,6 +74,15 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 16
+    protocol: Literal["loglik", "generate_extract"] = field(
+        default="loglik",
+        metadata={"help": "loglik (lm-eval's choice log-likelihood) or generate_extract (the papers' scripts: "
+                  "instruction prompt, greedy generation, answer extraction; released with max_new_tokens 128)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("loglik", "generate_extract"):
+            raise UserError("eval.protocol", f"expected loglik or generate_extract, got {self.protocol!r}")
 
 
 @dataclass
