@@ -26,7 +26,8 @@ drops the context; ours keeps it) and ARC (options always lettered A-D, where a 
 1-4); prompts are truncated from the left (the released tokenizer call cuts the right end, the
 ``Answer:`` cue included); ``max_new_tokens`` is ``eval.max_new_tokens`` (released: 128). Tasks with
 no released template get a generic one (``{prompt}\\nOption1: ...\\nAnswer format: option1/....
-Answer: ``) and are marked ``template: generic`` in the predictions.
+Answer: ``) and are marked ``template: generic`` in the predictions. The released runs also *train* on
+these prompts; an adapter trained on our lm-eval prompts meets this format for the first time here.
 """
 
 from __future__ import annotations
