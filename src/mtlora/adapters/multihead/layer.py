@@ -11,11 +11,12 @@
                        └─► [drop_i] ─► z_i = s * w_i * drop_i(phi)    (..., N, r)  ──┤
                                         one matmul of z (..., N*r) with B_flat (d_out, N*r)
 
-    h = W0 x + s * sum_i w_i(x) * B_i drop_i(A x)        B = stack(B_1..B_N): (N, d_out, r)
+    h = W0 x + s * sum_i w_i(x) * B_i drop_i(A x)  - s * offset_B offset_A x     B = stack(B_1..B_N)
+        (offset: zero_init "offset" with random heads only; its r columns join the same matmul)
 
     hydralora: one dropout mask on x (before A), learned router, A kaiming, B_i = 0, W_r kaiming
     rlora:     A x computed once, an independent mask per head on the r-dim A x, learned router
-               (sees the un-dropped x), multi-head random init, W_r = 0 (uniform start)
+               (sees the un-dropped x), multi-head random init + frozen offset, W_r = 0 (uniform start)
     mlora:     rlora without router: w_i = 1/N (combine="mean") or 1 (combine="sum")
 
 Why the router weights are folded in *before* the B contraction: ``sum_i w_i B_i z_i`` equals
