@@ -525,3 +525,11 @@ def test_trainer_runs_align_lora_with_checkpointing_accumulation_and_balanced_ba
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     png = plot_align_history(history, out / "align_history.png")
     assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("kw, where", [({"variance": "sample"}, "align.variance"), ({"mmd_kernel": "rbf"}, "align.mmd_kernel")])
+def test_new_options_are_validated(kw, where):
+    with pytest.raises(UserError, match=where.replace(".", r"\.")):
+        AlignConfig(**kw)
+    with pytest.raises(UserError, match=where.replace(".", r"\.")):
+        load_config(None, [f"align.{k}={v}" for k, v in kw.items()])

@@ -427,3 +427,13 @@ def test_method_defaults():
     assert (mlora.init, mlora.dropout_mode, mlora.has_router) == ("multihead", "per_head", False)
     with pytest.raises(UserError, match="expected none for mlora"):
         make_adapter_config("mlora", num_heads=2, head_weights=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("zero_init, init_scale", [("offset", "paper"), ("center", "paper"), ("offset", "repo")])
+def test_layers_build_on_the_meta_device(zero_init, init_scale):
+    """Parameter budgets inject into a meta-device skeleton: every init must build there."""
+    with torch.device("meta"):
+        base = nn.Linear(32, 64)
+    cfg = make_adapter_config("rlora", r=4, num_heads=3, zero_init=zero_init, init_scale=init_scale)
+    layer = MultiHeadLoraLinear(base, cfg)
+    assert layer.lora_B.is_meta and sum(p.numel() for p in layer.parameters() if p.requires_grad) > 0

@@ -241,6 +241,8 @@ class MultiHeadLoraLinear(LoraLinear):
             self.lora_B.copy_(heads)
             if self.router is not None:
                 nn.init.zeros_(self.router.weight)  # uniform 1/N at the start
+        if self.lora_B.is_meta:  # a shape-only model (parameter counting): there are no values to shift
+            return
         heads = self.lora_B.double()
         if config.zero_init == "center":
             self.lora_B.copy_(heads - heads.mean(0, keepdim=True))  # centred in fp64, rounded once
@@ -248,7 +250,7 @@ class MultiHeadLoraLinear(LoraLinear):
             fixed = self.head_weights
             w0 = torch.full((self.num_heads,), 1.0 / self.num_heads, dtype=torch.float64) if fixed is None else fixed
             self.offset_A.copy_(self.lora_A.weight)
-            self.offset_B.copy_(torch.einsum("n,nor->or", w0.double().cpu(), heads.cpu()))
+            self.offset_B.copy_(torch.einsum("n,nor->or", w0.to(heads), heads))
 
     def _reinit_repo(self, gamma: float) -> None:
         """R-LoRA's ``reinit_lora_modules`` (``lora_A_init = lora_B_init = "unit"``, ``init_scale =
