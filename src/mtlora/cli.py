@@ -213,7 +213,7 @@ def analyze_command(
     max_per_task: Annotated[int, typer.Option()] = 32,
 ) -> None:
     """Head cosine similarity per layer and per-task router weights: tables + heat-map PNGs."""
-    from mtlora.adapters.multihead.analysis import analyze_adapter
+    from mtlora.analysis import analyze_adapter
 
     _quiet_libraries()
     out_dir = out or adapter / "analysis"

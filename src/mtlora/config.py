@@ -99,9 +99,16 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=16, metadata={"help": "generation budget of open-answer tasks"})
+    protocol: Literal["loglik", "generate_extract"] = field(
+        default="loglik",
+        metadata={"help": "loglik (lm-eval's choice log-likelihood) or generate_extract (the papers' scripts: "
+                  "instruction prompt, greedy generation, answer extraction; released with max_new_tokens 128)"},
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, "eval", batch_size=1, max_new_tokens=1)
+        if self.protocol not in ("loglik", "generate_extract"):
+            raise UserError("eval.protocol", f"expected loglik or generate_extract, got {self.protocol!r}")
 
 
 @dataclass
@@ -117,7 +124,10 @@ class AlignConfig:
     require_all_steps: bool = field(
         default=False, metadata={"help": "error (instead of skip+count) on a batch with fewer than 2 tasks"}
     )
-    eps: float = field(default=1e-5, metadata={"help": "variance floor"})
+    variance: Literal["biased", "unbiased"] = field(
+        default="biased", metadata={"help": "per-task variance: biased (1/n) or unbiased (1/(n-1), the released code)"}
+    )
+    eps: float = field(default=1e-5, metadata={"help": "variance floor (the released code: 1e-8)"})
     mmd_bandwidths: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
         metadata={"help": "log-spaced Gaussian bandwidths sigma of the MMD kernel sum"},
@@ -126,6 +136,11 @@ class AlignConfig:
         default=True, metadata={"help": "bandwidths multiply the mean pairwise squared distance (detached)"}
     )
     mmd_tokens_per_task: int = field(default=32, metadata={"help": "tokens per task per layer kept for MMD"})
+    mmd_kernel: Literal["pooled", "repo"] = field(
+        default="pooled",
+        metadata={"help": "pooled: token-pooled, subsampled, mmd_bandwidths; repo: the released A-LoRA-M kernel, "
+                  "19 absolute bandwidths 1e-6..1e6 between rows at the same position"},
+    )
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -136,6 +151,10 @@ class AlignConfig:
             raise UserError("align.mmd_bandwidths", "expected a non-empty list of positive numbers")
         if self.mmd_tokens_per_task < 2:
             raise UserError("align.mmd_tokens_per_task", "expected an integer >= 2")
+        if self.variance not in ("biased", "unbiased"):
+            raise UserError("align.variance", f"expected biased or unbiased, got {self.variance!r}")
+        if self.mmd_kernel not in ("pooled", "repo"):
+            raise UserError("align.mmd_kernel", f"expected pooled or repo, got {self.mmd_kernel!r}")
 
 
 @dataclass
@@ -151,7 +170,10 @@ class MetaConfig:
     outer step size independent of n.
     """
 
-    k: int = field(default=50, metadata={"help": "examples per task (k-shot: the first k of the train split)"})
+    k: int = field(default=50, metadata={"help": "examples per task (k-shot), drawn from the train split per seed"})
+    pool_seed: int | None = field(
+        default=None, metadata={"help": "seed of the k-shot draw (default: train.seed, so seeds vary the data)"}
+    )
     support_fraction: float = field(default=0.5, metadata={"help": "share of the k shots in the support pool"})
     support_size: int = field(default=4, metadata={"help": "support examples per task per meta-iteration"})
     query_size: int = field(default=4, metadata={"help": "query examples per task per meta-iteration"})
@@ -171,6 +193,8 @@ class MetaConfig:
                 raise UserError(f"meta.{name}", "expected an integer >= 1")
         if not 0 < self.support_fraction < 1:
             raise UserError("meta.support_fraction", "expected a number in (0, 1)")
+        if self.pool_seed is not None and self.pool_seed < 0:
+            raise UserError("meta.pool_seed", "expected an integer >= 0")
         if self.inner_lr <= 0 or self.outer_lr <= 0:
             raise UserError("meta.inner_lr" if self.inner_lr <= 0 else "meta.outer_lr", "expected a positive number")
 
@@ -240,6 +264,7 @@ KEY_CONDITIONS = {
     ("align", "mmd_bandwidths"): ("loss", "mmd", "applies to align.loss=mmd only"),
     ("align", "mmd_relative"): ("loss", "mmd", "applies to align.loss=mmd only"),
     ("align", "mmd_tokens_per_task"): ("loss", "mmd", "applies to align.loss=mmd only"),
+    ("align", "mmd_kernel"): ("loss", "mmd", "applies to align.loss=mmd only"),
     ("train", "epochs"): ("max_steps", None, "is not read when train.max_steps is set (it overrides epochs); "
                                            "set one of them"),
 }

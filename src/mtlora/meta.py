@@ -2,7 +2,7 @@
 
 ::
 
-    k-shot pools (first k train examples per task, hash order)
+    k-shot pools (k train examples per task, drawn per seed: meta.pool_seed, else train.seed)
         task t: [ support pool (k * support_fraction) | query pool (rest) ]
 
     theta = the model's LoRA weights (lora_A / lora_B of every adapted layer)
@@ -67,18 +67,21 @@ class TaskPools:
     query: list[Example]
 
 
-def kshot_pools(examples: Sequence[Example], meta: MetaConfig) -> list[TaskPools]:
-    """First ``k`` examples of every task (the order given: hash order), split support | query.
+def kshot_pools(examples: Sequence[Example], meta: MetaConfig, seed: int = 0) -> list[TaskPools]:
+    """``k`` examples of every task drawn with ``seed``, split support | query.
 
-    Support and query are disjoint so that the query gradient measures how well the adapted
-    theta_i generalises within the task, which is what the meta-update optimises.
+    The draw is per seed so that a seed spread includes data-selection variance (with one fixed
+    pool for every seed, k = 50 would measure one particular 50). Each task draws from its own
+    ``random.Random(f"kshot:{seed}:{task}")``: the pool of a task depends neither on the other
+    tasks nor on the torch RNG. Support and query are disjoint so that the query gradient measures
+    how well the adapted theta_i generalises within the task, which is what the meta-update optimises.
     """
     by_task: dict[str, list[Example]] = {}
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
     pools = []
     for task, exs in by_task.items():
-        shots = exs[: meta.k]
+        shots = random.Random(f"kshot:{seed}:{task}").sample(exs, min(meta.k, len(exs)))
         n_support = round(len(shots) * meta.support_fraction)
         support, query = shots[:n_support], shots[n_support:]
         if len(support) < meta.support_size or len(query) < meta.query_size:
@@ -319,7 +322,9 @@ class MetaSteps:
         if dist.world_size > 1:
             raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
         self.run, self.meta = run, run.config.meta
-        self.sampler = MetaSampler(kshot_pools(run.train_examples, self.meta), self.meta, seed=run.config.train.seed)
+        seed = run.config.train.seed
+        pool_seed = seed if self.meta.pool_seed is None else self.meta.pool_seed
+        self.sampler = MetaSampler(kshot_pools(run.train_examples, self.meta, seed=pool_seed), self.meta, seed=seed)
         self.total = self.meta.iterations
         self.lr = self.meta.outer_lr
 

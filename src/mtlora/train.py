@@ -303,6 +303,7 @@ def evaluate_run(run: Run, step: int, progress: bool) -> dict[str, Any]:
         max_new_tokens=run.config.eval.max_new_tokens,
         progress=progress,
         task_names=run.task_names,
+        protocol=run.config.eval.protocol,
     )
     return {"step": step, **report.to_dict()}
 

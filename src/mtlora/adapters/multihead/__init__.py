@@ -2,7 +2,7 @@
 
 ``mtlora.adapters.inject`` imports this package lazily, so ``make_adapter_config("rlora", ...)`` and
 ``inject_adapters`` know the three methods without an explicit import. See ``layer.py`` for the
-maths and ``analysis.py`` for the head-similarity and router-weight analyses of the papers.
+maths and ``mtlora.analysis`` for the head-similarity and router-weight analyses of the papers.
 """
 
 from mtlora.adapters.inject import register_adapter_type
