@@ -65,7 +65,18 @@ def test_grid_writes_outputs_and_skips_finished_cells(tmp_path, tiny_model_dir, 
     assert methods["rlora"]["budget_parameters"] == methods["rlora"]["trainable_parameters"] > 0
     table = (out / "table.md").read_text()
     assert "mtlora bench tiny.yaml" in table and "theirs: Qwen2.5-3B" in table
-    assert "R-LoRA > HydraLoRA | - | - | - | - | - | not run" in table  # no HydraLoRA in this grid
+    assert "| R-LoRA > HydraLoRA (arXiv 2502.15455) | - | - | - | - | not run |" in table  # no HydraLoRA here
+    # every cell keeps its per-example correctness and the training data it saw
+    cell0 = json.loads((out / "cells" / "lora" / "seed0" / "cell.json").read_text())
+    assert set(cell0["examples"]) == {"qa", "sentiment"}
+    assert len(cell0["examples"]["qa"]["correct"]) == len(cell0["examples"]["qa"]["ids"]) == 4
+    assert cell0["training_data"]["example_passes"] == 2 * 4  # 2 steps of 4
+    assert sum(cell0["training_data"]["distinct_per_task"].values()) <= 8
+    assert results["aggregate"]["eval_examples"]["qa"] == cell0["examples"]["qa"]["ids"]
+    assert set(methods["lora"]["correct"]) == {"0", "1"} and "examples" not in methods["lora"]["cells"][0]
+    low, high = methods["lora"]["macro"]["ci95"]
+    assert low <= methods["lora"]["macro"]["mean"] <= high
+    assert "macro 95 % CI" in table and "minimum detectable difference" in table
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
     cell = out / "cells" / "lora" / "seed1"
     assert yaml.safe_load((cell / "cell.yaml").read_text())["train"]["seed"] == 1
@@ -162,10 +173,18 @@ def test_orderings_verdicts():
     methods["l"] = entry("lora", [50.0, 52.0])  # only 1 pp above zero-shot: nothing learned to match
     methods["k"] = entry("meta_k50", [50.0, 51.0])
     rows = {o["claim"]: o for o in check_orderings(methods)}
-    assert rows["MeTA-LoRA k=50/task matches LoRA on all data"]["verdict"].startswith("held (vacuous")
-    assert rows["A-LoRA-K > M-LoRA"]["verdict"] == "held (beyond the seed spread)"
-    assert rows["M-LoRA > R-LoRA"]["verdict"] == "did not hold (within the seed spread)"
+    # no per-example results (as in results saved before cells kept them): the seed-spread reading
+    # survives as the unpaired reading, and no verdict is given
+    assert rows["MeTA-LoRA k=50/task matches LoRA on all data"]["unpaired_verdict"].startswith("held (vacuous")
+    assert rows["A-LoRA-K > M-LoRA"]["unpaired_verdict"] == "held (beyond the seed spread)"
+    assert rows["M-LoRA > R-LoRA"]["unpaired_verdict"] == "did not hold (within the seed spread)"
+    assert rows["A-LoRA-K > M-LoRA"]["verdict"].startswith("not resolvable: per-example results not saved")
+    assert rows["A-LoRA-K > M-LoRA"]["paired"] is None and rows["A-LoRA-K > M-LoRA"]["held"] is None
     assert rows["R-LoRA > HydraLoRA"]["verdict"] == "not run"
+    # no lora_full cell: the "all data" claim falls back to LoRA r=8, and without a record of what it saw
+    # the claim is untested
+    k50 = rows["MeTA-LoRA k=50/task matches LoRA on all data"]
+    assert k50["right"] == ["lora"] and k50["verdict"].startswith("untested")
 
 
 def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):

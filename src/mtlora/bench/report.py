@@ -1,0 +1,257 @@
+"""The bench's outputs: ``results.json``, ``table.md`` (accuracy, paired orderings, the papers'
+numbers) and ``chart.png`` (each method's interval, and every comparison's paired interval)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mtlora.bench.config import ROLES, BenchConfig, atomic_write
+from mtlora.bench.statistics import _by_role, aggregate, load_papers
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return "0" if n == 0 else f"{n / 1e6:.2f}M"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """``table.md``: how it was made, per-task and macro accuracy, paired orderings, the papers' numbers."""
+    meta, agg = results["meta"], results["aggregate"]
+    methods = agg["methods"]
+    tasks = sorted({t for e in methods.values() for t in e.get("per_task", {})})
+    machine = meta["machine"]
+    lines = [f"# {meta['title']}", ""]
+    lines += [f"- command: `{meta['command'] or 'mtlora bench ' + meta['source']}`",
+              f"- config: `{meta['source']}`; written {results['written_at']} (UTC); code: commit "
+              f"{(meta.get('code') or {}).get('git_commit') or 'unknown'}"
+              + (" with uncommitted changes" if (meta.get("code") or {}).get("uncommitted_changes") else ""),
+              f"- machine: {machine['platform']}, {machine['cpu_count']} CPU cores visible, torch "
+              f"{machine['torch']} with {machine['torch_threads']} threads"
+              + (f", GPU {machine['cuda']}" if machine.get("cuda") else "")
+              + (f"; {meta['jobs']} cells at a time" + (f", {meta['threads_per_cell']} torch thread(s) each"
+                 if meta.get("threads_per_cell") else "") if meta.get("jobs") else "")
+              + (f"; load average at start {machine['load_average_at_start']}" if machine.get(
+                  "load_average_at_start") else ""),
+              f"- model `{results['base'].get('model')}`, tasks {', '.join(results['base'].get('tasks', []))}; "
+              f"seeds {results['seeds']}"]
+    if meta.get("regenerated"):
+        regen = meta["regenerated"]
+        lines += [f"- table regenerated from the finished cells at {regen['at']} by `{regen['command']}` "
+                  f"(code {regen['code'].get('git_commit') or 'unknown'})"]
+    if meta.get("notes"):
+        lines += [f"- notes: {meta['notes']}"]
+    lines += [f"- statistics: {_mdd_text(agg)}"]
+    lines += ["", "## Accuracy (%, mean ± sample std over seeds; eval split of each task)", ""]
+    n_row = {t: next((e["per_task"][t]["n"] for e in methods.values() if t in e.get("per_task", {})), None)
+             for t in tasks}
+    head = ["method", "adapter", "trainable params", "seeds"] + [f"{t} (n={n_row[t]})" for t in tasks] + [
+        "macro", "macro 95 % CI", "eval SE", "steps", "train s", "wall s", "peak RSS MB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in methods.values():
+        seeds = f"{len(entry['seeds_done'])}/{len(entry['seeds_planned'])}"
+        params = entry.get("trainable_parameters", entry["budget_parameters"])
+        if "macro" not in entry:
+            row = [entry["label"], entry["adapter"], _params(params), seeds] + ["-"] * len(tasks) + [
+                "not run / failed", "-", "-", "-", "-", "-", "-"]
+        else:
+            pt = entry["per_task"]
+            row = [entry["label"], entry["adapter"], _params(params), seeds]
+            row += [_pm(pt[t]["mean"], pt[t]["std"]) if t in pt else "-" for t in tasks]
+            mark = "†" if entry.get("resumed") else ""
+            se = entry["macro"].get("eval_se")
+            ci = entry["macro"].get("ci95")
+            row += [f"**{_pm(entry['macro']['mean'], entry['macro']['std'])}**",
+                    "-" if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]", "-" if se is None else f"{se:.1f}",
+                    str(entry["steps"]),
+                    f"{entry['train_seconds']:.0f}{mark}", f"{entry['wall_seconds']:.0f}{mark}",
+                    f"{entry['peak_rss_mb']:.0f}" + ("" if entry["isolated"] else "*")]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Trainable parameters are counted by injecting each adapter into the model (A, B heads and "
+              "router included); 'eval SE' is the binomial standard error of the macro accuracy from the "
+              "number of eval examples (the eval set's sampling noise, apart from the seed spread); 'macro 95 % CI' "
+              "is the bootstrap interval of the macro accuracy with seeds and eval examples redrawn ('-' where the "
+              "cells kept no per-example results); 'train s' is the optimisation loop only, 'wall s' the whole cell (model "
+              "load, training, evaluation), both means over seeds; 'peak RSS MB' is the largest peak resident "
+              "memory of a cell's own process (one process per cell)"
+              + ("; * = cells run inside the bench process, so the figure is that process's peak so far."
+                 if any(not e.get("isolated", True) for e in methods.values() if "macro" in e) else ".")
+              + (" † = a cell resumed from a checkpoint of an interrupted attempt: its times are the last "
+                 "attempt's only." if any(e.get("resumed") for e in methods.values()) else "")]
+    lines += orderings_section(agg)
+    lines += references_section(results, _by_role(methods))
+    if agg["failed"] or agg["missing"]:
+        lines += ["", "## Cells without a result", ""]
+        lines += [f"- {f['cell']}: failed: `{f['error'][:200]}`" for f in agg["failed"]]
+        lines += [f"- {c}: not run yet" for c in agg["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def _mdd_text(agg: dict[str, Any]) -> str:
+    mdd = agg.get("minimum_detectable_difference")
+    margin = agg.get("equivalence_margin_pp")
+    margin_text = f"; margin of 'close'/'matches' claims ±{margin:g} pp" if margin else ""
+    if mdd is not None:
+        return (f"every comparison is paired (same eval examples, same seeds); minimum detectable difference "
+                f"~{mdd:.1f} pp (2.8 x the median standard error of the paired differences: a 5 % two-sided "
+                f"test detects it 80 % of the time){margin_text}")
+    ses = sorted(e["macro"]["eval_se"] for e in agg["methods"].values() if e.get("macro", {}).get("eval_se"))
+    rough = "" if not ses else (f"; from the eval-set size alone (unpaired binomial, no seed noise) it would be "
+                                f"~{2.8 * 2 ** 0.5 * ses[len(ses) // 2]:.1f} pp")
+    return ("paired intervals unavailable: these cells kept no per-example results, so no minimum detectable "
+            f"difference is measured{rough}{margin_text}")
+
+
+def _interval(o: dict[str, Any]) -> str:
+    p = o.get("paired")
+    return "unavailable" if p is None else f"{p['diff']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+
+
+def orderings_section(agg: dict[str, Any]) -> list[str]:
+    """The papers' claims: paired difference and 95 % interval, the verdict, the unpaired reading."""
+    lines = ["", "## The papers' orderings, checked with paired intervals", "",
+             "| claim | ours: left | ours: right | diff (pp) | paired diff [95 % CI] (pp) | verdict | "
+             "seed spread (pp) | eval SE (pp) | unpaired reading (seed spread) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for o in agg["orderings"]:
+        claim = o["claim"] + (f" ({o['paper']})" if o.get("paper") else "")
+        if o["verdict"] == "not run":
+            lines.append(f"| {claim} | - | - | - | - | not run | - | - | - |")
+            continue
+        spread = "-" if o["spread"] is None else f"{o['spread']:.1f}"
+        eval_se = "-" if o.get("eval_se") is None else f"{o['eval_se']:.1f}"
+        note = f" ({o['reference_note']})" if o.get("reference_note") else ""
+        lines.append(f"| {claim} | {o['left_mean']:.1f} | {o['right_mean']:.1f} | {o['diff']:+.1f} | "
+                     f"{_interval(o)} | {o['verdict']}{note} | {spread} | {eval_se} | {o['unpaired_verdict']} |")
+    margin = agg.get("equivalence_margin_pp") or 2.0
+    lines += ["", "Paired diff = left minus right (a right side of several methods: their mean), computed per eval "
+              "example and per seed on the examples and seeds both sides share; its 95 % interval is a paired "
+              "bootstrap that redraws the seeds and, within each task, the eval examples (the same draws for "
+              "both sides), so seed noise and eval-set noise both enter (with one seed, only the eval-set noise). "
+              "Verdicts: '>' holds only when the interval excludes 0 (above it), and did not hold when it "
+              "excludes 0 below; '>=' did not hold when the interval lies below 0, and holds when it lies above "
+              f"0 or above -{margin:g} pp; 'matches' holds when the interval lies above -{margin:g} pp; 'close' "
+              f"holds when it lies within ±{margin:g} pp; anything else is 'not resolved'. A 'matches'/'close' "
+              "verdict is marked vacuous when the reference is itself not above zero-shot (paired interval). A "
+              "'matches LoRA on all data' claim is 'untested' unless the all-data cell saw more distinct "
+              "training examples of every task than the k-shot cell's k. The unpaired reading (the older rule, "
+              "kept for comparison) uses the macro means and the seed spread sqrt(std_left² + std_right²) only; "
+              "eval SE is the binomial standard error of the difference from the number of eval examples."]
+    return lines
+
+
+def references_section(results: dict[str, Any], roles: dict[str, Any]) -> list[str]:
+    """The papers' own numbers beside ours, each column citing its paper and table."""
+    reference = results.get("paper_reference") or {}
+    lines = ["", "## Reference: the papers' numbers (theirs, not ours: larger models, full training sets)", ""]
+    sources = list(reference)
+    lines += ["| role | ours (this table) | " + " | ".join(sources) + " |", "|" + "---|" * (len(sources) + 2)]
+    for role in ROLES:
+        ref = [reference[s].get(role) for s in sources]
+        if all(v is None for v in ref) and role not in roles:
+            continue
+        ours = roles.get(role)
+        ours_text = f"{ours['label']}: {_pm(ours['macro']['mean'], ours['macro']['std'])}" if ours else "-"
+        lines.append(f"| {role} | {ours_text} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ref) + " |")
+    cites = [f"{r['label']}: arXiv {r['arxiv']}, {r['table']}" for r in results.get("paper_sources", [])
+             if r.get("arxiv")]
+    if cites:
+        lines += ["", "Sources: " + "; ".join(cites) + "."]
+    lines += ["", "The MeTA-LoRA paper's claim is relative (k = 50..100 examples per task match LoRA on all "
+              "data); no absolute numbers of it are set beside ours."]
+    return lines
+
+
+def plot_macro(results: dict[str, Any], path: Path) -> None:
+    """Left: macro accuracy per method with its 95 % interval (seeds + eval examples redrawn; the seed
+    std where no per-example results exist) and the seeds as dots. Right: each claim's paired
+    difference with its 95 % interval, against 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in results["aggregate"]["methods"].values() if "macro" in e]
+    paired = [o for o in results["aggregate"]["orderings"] if o.get("paired")]
+    width = 1.0 * max(len(entries), 3) + 2.5
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(width + (6.0 if paired else 0.0), 4.5),
+                             gridspec_kw={"width_ratios": [width, 6.0]} if paired else None, squeeze=False)
+    ax = axes[0][0]
+    if entries:
+        xs = list(range(len(entries)))
+        means = [e["macro"]["mean"] for e in entries]
+        low = [m - (e["macro"]["ci95"][0] if e["macro"].get("ci95") else m - (e["macro"]["std"] or 0.0))
+               for m, e in zip(means, entries, strict=True)]
+        high = [(e["macro"]["ci95"][1] if e["macro"].get("ci95") else m + (e["macro"]["std"] or 0.0)) - m
+                for m, e in zip(means, entries, strict=True)]
+        colors = ["#9aa5b1" if e["eval_only"] else "#2f6fde" for e in entries]
+        ax.bar(xs, means, yerr=[low, high], capsize=4, color=colors)
+        for x, e in zip(xs, entries, strict=True):
+            ax.scatter([x] * len(e["macro"]["values"]), e["macro"]["values"], color="black", s=10, zorder=3)
+        ax.set_xticks(xs, [e["label"] for e in entries], rotation=30, ha="right")
+        # bars start at 0: a cut axis would make differences of a point or two look like effects
+        top = max(max(e["macro"]["values"]) for e in entries)
+        top = max([top] + [e["macro"]["ci95"][1] for e in entries if e["macro"].get("ci95")])
+        ax.set_ylim(0.0, min(100.0, top + 10))
+    ax.set_ylabel("macro accuracy (%)")
+    bars = ("95 % interval (seeds and eval examples)" if any(e["macro"].get("ci95") for e in entries)
+            else "std over seeds (no per-example results)")
+    ax.set_title(results["meta"]["title"] + f"\n(bars: mean over the seeds run; error bars: {bars}; dots: seeds)",
+                 fontsize=9)
+    if paired:
+        ax2 = axes[0][1]
+        ys = list(range(len(paired)))[::-1]
+        diffs = [o["paired"]["diff"] for o in paired]
+        err = [[d - o["paired"]["low"] for d, o in zip(diffs, paired, strict=True)],
+               [o["paired"]["high"] - d for d, o in zip(diffs, paired, strict=True)]]
+        colors = ["#1a7f37" if o.get("held") else "#cf222e" if o.get("held") is False else "#6e7781" for o in paired]
+        ax2.errorbar(diffs, ys, xerr=err, fmt="none", ecolor=colors, capsize=3)
+        ax2.scatter(diffs, ys, c=colors, zorder=3, s=14)
+        ax2.axvline(0.0, color="black", linewidth=0.8)
+        ax2.set_yticks(ys, [o["claim"][:48] for o in paired], fontsize=7)
+        ax2.yaxis.tick_right()
+        ax2.set_xlabel("left - right, macro accuracy (pp)")
+        ax2.set_title("paired difference, 95 % interval\n(green: held, red: did not hold, grey: not resolved)",
+                      fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_outputs(
+    bench: BenchConfig, cells, budgets, meta, chart: bool = True
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Rewrite results.json, table.md (and chart.png) from whatever cells have finished."""
+    papers = load_papers(bench.papers)
+    results = {
+        "meta": meta,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base": bench.base,
+        "seeds": bench.seeds,
+        "methods": {m.name: {"overrides": m.overrides, "role": m.role, "eval_only": m.eval_only}
+                    for m in bench.methods.values()},
+        "budgets": list(budgets.values()),
+        "aggregate": aggregate(bench, cells, budgets, papers),
+        "paper_reference": papers.reference_table(),
+        "paper_sources": [{"label": r["label"], "table": r.get("table"), "model": r.get("model"),
+                           "arxiv": papers.papers.get(r.get("paper") or "", {}).get("arxiv")}
+                          for r in papers.references],
+    }
+    out = bench.output_dir
+    paths = {"results": str(out / "results.json"), "table": str(out / "table.md"), "chart": str(out / "chart.png")}
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
+    atomic_write(out / "table.md", render_markdown(results))
+    if chart:
+        plot_macro(results, out / "chart.png")
+    return results, paths
