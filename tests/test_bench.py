@@ -192,6 +192,8 @@ def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):
         bench_from_dict({"base": {}, "methods": {"a": {}}, "output_dir": "x", "method": "lora"})
     with pytest.raises(UserError, match="role"):
         bench_from_dict({"base": {}, "methods": {"a": {"role": "best"}}, "output_dir": "x"})
+    with pytest.raises(UserError, match="cell_timeout_s"):
+        bench_from_dict({"base": {}, "methods": {"a": {"cell_timeout_s": -1}}, "output_dir": "x"})
     bench = _bench(tmp_path, tiny_model_dir, task_files, {"bad": {"adapter": {"rank": 3}}}, seeds=(0,))
     with pytest.raises(UserError, match="rank"):
         run_bench(bench, progress=False, echo=lambda _: None)
@@ -239,3 +241,24 @@ def test_interrupted_cell_resumes_only_its_own_checkpoint(tmp_path, tiny_model_d
     bench.base["train"]["lr"] = 1e-2  # another config: the old checkpoint must not be resumed
     run_bench(bench, progress=False, echo=lambda _: None)
     assert calls == [False, True, False]
+
+
+def test_cpu_profile_full_data_and_k_shot_cells(tmp_path):
+    """configs/bench/cpu.yaml: >= 150 eval examples per task where the task has them; lora_full sees far
+    more than k examples of every task, lora_k* exactly MeTA-LoRA's k per task; lora_r8 only ~k=50."""
+    from mtlora.bench import load_bench_config, prepare_cells, training_data_seen
+    from mtlora.data.tasks import task_size
+
+    root = Path(__file__).resolve().parents[1]
+    bench = load_bench_config(root / "configs" / "bench" / "cpu.yaml", ["seeds=[0]", f"output_dir={tmp_path}"])
+    assert bench.base["data"]["max_eval_per_task"] >= 150
+    assert all(task_size(t)["eval"] >= 150 or t == "arc_challenge" for t in bench.base["tasks"])
+    configs = {m.name: (m, c) for m, _, c in prepare_cells(bench)}
+    seen = {name: training_data_seen(c, eval_only=m.eval_only) for name, (m, c) in configs.items()}
+    assert min(seen["lora_full"]["distinct_per_task"].values()) > 200
+    assert seen["lora_full"]["pool_per_task"]["hellaswag"] == 2215 < task_size("hellaswag")["train"]
+    assert seen["lora_full"]["pool_per_task"]["boolq"] == task_size("boolq")["train"]  # only hellaswag capped
+    assert set(seen["lora_k50"]["distinct_per_task"].values()) == {50}
+    assert set(seen["lora_k100"]["distinct_per_task"].values()) == {100}
+    assert set(seen["lora_r8"]["distinct_per_task"].values()) == {50}
+    assert configs["lora_full"][0].cell_timeout_s > bench.cell_timeout_s

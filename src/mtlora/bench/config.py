@@ -1,8 +1,9 @@
 """The bench grid: a YAML of ``base`` + ``methods`` + ``seeds`` -> one validated run config per cell.
 
 Methods keys beside the run-config overrides: ``role`` (which of the papers' methods this is: used
-by the orderings check and the "theirs" column), ``label`` (table name) and ``eval_only`` (evaluate
-the base model with adapters disabled; run once, since it does not depend on the seed).
+by the orderings check and the "theirs" column), ``label`` (table name), ``eval_only`` (evaluate
+the base model with adapters disabled; run once, since it does not depend on the seed) and
+``cell_timeout_s`` (this method's own limit, e.g. for a cell trained on all the data).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ BENCH_KEYS = (
     "title", "base", "methods", "seeds", "output_dir", "isolate", "jobs", "threads", "cell_timeout_s", "notes",
     "papers",
 )
-METHOD_KEYS = ("role", "label", "eval_only")  # bench-level keys of a method; the rest overrides RunConfig
+METHOD_KEYS = ("role", "label", "eval_only", "cell_timeout_s")  # bench-level keys; the rest overrides RunConfig
 
 ROLES = (
     "zero_shot", "lora", "lora_matched", "hydralora", "rlora", "mlora", "align_kl", "align_mmd",
@@ -50,6 +51,7 @@ class MethodSpec:
     role: str | None = None
     label: str | None = None
     eval_only: bool = False
+    cell_timeout_s: float | None = None
 
     @property
     def display(self) -> str:
@@ -152,7 +154,11 @@ def bench_from_dict(raw: dict[str, Any], source: str = "<bench>") -> BenchConfig
             raise UserError(source, f"methods.{name}.role: expected one of {list(ROLES)}, got {role!r}")
         if "output_dir" in overrides or ("train" in overrides and "seed" in (overrides["train"] or {})):
             raise UserError(source, f"methods.{name}: output_dir and train.seed are set by the bench")
-        methods[name] = MethodSpec(name, overrides, role, bench_keys.get("label"), bool(bench_keys.get("eval_only")))
+        timeout = bench_keys.get("cell_timeout_s")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise UserError(source, f"methods.{name}.cell_timeout_s: expected a positive number, got {timeout!r}")
+        methods[name] = MethodSpec(name, overrides, role, bench_keys.get("label"), bool(bench_keys.get("eval_only")),
+                                   None if timeout is None else float(timeout))
     timeout = raw.get("cell_timeout_s")
     return BenchConfig(
         base=raw["base"],

@@ -4,12 +4,28 @@ numbers) and ``chart.png`` (each method's interval, and every comparison's paire
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mtlora.bench.config import ROLES, BenchConfig, atomic_write
-from mtlora.bench.statistics import _by_role, aggregate, load_papers
+import yaml
+
+from mtlora.bench.budgets import training_data_seen
+from mtlora.bench.config import DEFAULT_PAPERS, ROLES, BenchConfig, atomic_write
+from mtlora.bench.statistics import (
+    _by_role,
+    aggregate,
+    check_orderings,
+    load_papers,
+    minimum_detectable_difference,
+    summarize_training_data,
+)
+from mtlora.config import deep_merge, load_config
+from mtlora.errors import UserError
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -87,6 +103,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                  if any(not e.get("isolated", True) for e in methods.values() if "macro" in e) else ".")
               + (" † = a cell resumed from a checkpoint of an interrupted attempt: its times are the last "
                  "attempt's only." if any(e.get("resumed") for e in methods.values()) else "")]
+    lines += training_data_section(methods)
     lines += orderings_section(agg)
     lines += references_section(results, _by_role(methods))
     if agg["failed"] or agg["missing"]:
@@ -109,6 +126,31 @@ def _mdd_text(agg: dict[str, Any]) -> str:
                                 f"~{2.8 * 2 ** 0.5 * ses[len(ses) // 2]:.1f} pp")
     return ("paired intervals unavailable: these cells kept no per-example results, so no minimum detectable "
             f"difference is measured{rough}{margin_text}")
+
+
+def _span(values: list[int]) -> str:
+    return "-" if not values else f"{min(values)}-{max(values)}" if min(values) != max(values) else str(values[0])
+
+
+def training_data_section(methods: dict[str, Any]) -> list[str]:
+    """What each method was trained on: example passes and the distinct examples per task it saw."""
+    rows = [(e, e.get("training_data")) for e in methods.values() if not e.get("eval_only") and "macro" in e]
+    if not any(td for _, td in rows):
+        return []
+    lines = ["", "## Training data seen (replayed from each cell's sampler and seed)", "",
+             "| method | example passes | distinct examples per task (fewest over seeds: min-max over tasks) | "
+             "training pool per task (min-max) | k-shot |", "|---|---|---|---|---|"]
+    for entry, td in rows:
+        if not td:
+            lines.append(f"| {entry['label']} | - | not recorded | - | - |")
+            continue
+        seen, pool = list(td["distinct_per_task"].values()), list((td.get("pool_per_task") or {}).values())
+        lines.append(f"| {entry['label']} | {td.get('example_passes', '-')} | {_span(seen)} | {_span(pool)} | "
+                     f"{td.get('k_shot') or '-'} |")
+    if any(td and td.get("replayed") for _, td in rows):
+        lines += ["", "Replayed by `--report` with the sampler code of the regenerating commit (these cells "
+                  "predate the record)."]
+    return lines
 
 
 def _interval(o: dict[str, Any]) -> str:
@@ -255,3 +297,91 @@ def write_outputs(
     if chart:
         plot_macro(results, out / "chart.png")
     return results, paths
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": [round(v, 2) for v in load] if load else None,
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """Which code ran the grid: the package folder and its git commit (and whether src/ had local edits).
+
+    A snapshot outside git (e.g. ``git archive HEAD src | tar -x -C DIR`` + ``PYTHONPATH=DIR/src``, so
+    that colleagues' uncommitted edits cannot reach a running grid) names its commit in
+    ``MTLORA_CODE_COMMIT``.
+    """
+    package = Path(__file__).resolve().parents[1]  # the mtlora package
+    info: dict[str, Any] = {"package": str(package), "git_commit": os.environ.get("MTLORA_CODE_COMMIT")}
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        info.update(git_commit=head, uncommitted_changes=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _run_config(results: dict[str, Any], method: str, seed: int):
+    """A finished grid's cell config rebuilt from its results.json (base + the method's overrides)."""
+    raw = deep_merge(deep_merge(results["base"], results["methods"][method]["overrides"]), {"train": {"seed": seed}})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cell.yaml"
+        path.write_text(yaml.safe_dump({**raw, "output_dir": str(Path(tmp) / "run")}, sort_keys=False))
+        return load_config(path)
+
+
+def rereport_results(path: Path, command: str | None = None, papers_path: Path = DEFAULT_PAPERS) -> dict[str, str]:
+    """Rewrite ``table.md``, ``chart.png`` and the derived parts of a ``results.json`` from that file alone.
+
+    For grids whose cell folders are gone (e.g. the committed copies under ``docs/results``): the
+    orderings are re-checked under the current rules and papers file, and the training data each
+    method saw is replayed from its config where the cells did not record it. Per-example results
+    cannot be recovered: where they were not saved, the table says the paired interval is unavailable.
+    """
+    try:
+        results = json.loads(path.read_text())
+        methods = results["aggregate"]["methods"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(path, "expected a results.json written by mtlora bench") from None
+    papers = load_papers(papers_path)
+    for name, entry in methods.items():
+        if entry.get("training_data") or "macro" not in entry or name not in results.get("methods", {}):
+            continue
+        try:
+            seen = [{"training_data": training_data_seen(_run_config(results, name, seed), entry.get("eval_only"))}
+                    for seed in entry["seeds_done"]]
+        except (UserError, OSError, ValueError):
+            continue  # the data or config of then cannot be rebuilt: the table says "not recorded"
+        entry["training_data"] = summarize_training_data(seen)
+        if entry["training_data"]:
+            entry["training_data"]["replayed"] = True
+    agg = results["aggregate"]
+    agg["orderings"] = check_orderings(methods, papers)
+    agg["minimum_detectable_difference"] = minimum_detectable_difference(agg["orderings"])
+    agg["equivalence_margin_pp"] = papers.margin
+    results["paper_reference"] = papers.reference_table()
+    results["paper_sources"] = [{"label": r["label"], "table": r.get("table"), "model": r.get("model"),
+                                 "arxiv": papers.papers.get(r.get("paper") or "", {}).get("arxiv")}
+                                for r in papers.references]
+    results["meta"]["regenerated"] = {"command": command or f"mtlora bench {path} --report", "code": code_version(),
+                                      "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    results["written_at"] = results["meta"]["regenerated"]["at"]
+    out = path.parent
+    atomic_write(path, json.dumps(results, indent=2, default=float) + "\n")
+    atomic_write(out / "table.md", render_markdown(results))
+    plot_macro(results, out / "chart.png")
+    return {"results": str(path), "table": str(out / "table.md"), "chart": str(out / "chart.png")}

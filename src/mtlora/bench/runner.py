@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -58,7 +57,7 @@ from mtlora.bench.config import (
     load_bench_config,
     prepare_cells,
 )
-from mtlora.bench.report import write_outputs
+from mtlora.bench.report import code_version, machine_info, rereport_results, write_outputs
 from mtlora.bench.statistics import finished, per_example_correctness
 from mtlora.config import load_config
 from mtlora.errors import UserError
@@ -227,42 +226,6 @@ class BenchOutcome:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": [round(v, 2) for v in load] if load else None,
-    }
-
-
-def code_version() -> dict[str, Any]:
-    """Which code ran the grid: the package folder and its git commit (and whether src/ had local edits).
-
-    A snapshot outside git (e.g. ``git archive HEAD src | tar -x -C DIR`` + ``PYTHONPATH=DIR/src``, so
-    that colleagues' uncommitted edits cannot reach a running grid) names its commit in
-    ``MTLORA_CODE_COMMIT``.
-    """
-    package = Path(__file__).resolve().parents[1]  # the mtlora package
-    info: dict[str, Any] = {"package": str(package), "git_commit": os.environ.get("MTLORA_CODE_COMMIT")}
-    try:
-        head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        info.update(git_commit=head, uncommitted_changes=bool(dirty))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
 def run_bench(
     bench: BenchConfig,
     *,
@@ -315,7 +278,7 @@ def run_bench(
         echo(f"[{index}/{total}] {name}: running ({'eval only' if method.eval_only else adapter_summary(config)})")
         t0 = time.perf_counter()
         if bench.isolate:
-            result = _run_cell_subprocess(cell, bench.cell_timeout_s, bench.threads)
+            result = _run_cell_subprocess(cell, method.cell_timeout_s or bench.cell_timeout_s, bench.threads)
         else:
             result = _run_cell_in_process(cell, progress)
             if result is not None:  # persist the mode so the table can say what peak RSS means
@@ -361,7 +324,17 @@ def bench_command(
     echo: Callable[[str], None] = print,
     command: str | None = None,
 ) -> int:
-    """The ``mtlora bench`` command; returns the exit code (1 if any cell failed)."""
+    """The ``mtlora bench`` command; returns the exit code (1 if any cell failed).
+
+    ``config`` may also be a grid's ``results.json`` with ``report_only``: the outputs beside it are
+    rewritten from that file alone (for grids whose cell folders are gone).
+    """
+    if Path(config).suffix == ".json":
+        if not report_only or budgets_only or only or overrides:
+            raise UserError(config, "a results.json can only be re-reported: pass --report and nothing else")
+        for key, value in rereport_results(Path(config), command=command).items():
+            echo(f"{key}: {value}")
+        return 0
     bench = load_bench_config(config, overrides)
     if budgets_only:
         for row in budget_report(bench):

@@ -246,7 +246,7 @@ def paired_difference(
 
     entries = [left, *rights]
     if any(not e.get("correct") for e in entries):
-        return None, "per-example results not saved for these cells (paired interval unavailable)"
+        return None, "per-example results not saved (paired interval unavailable)"
     trained = [e for e in entries if not e.get("eval_only")]
     seed_sets = [set(e["correct"]) for e in trained] or [set(entries[0]["correct"])]
     seeds = sorted(set.intersection(*seed_sets), key=int)
