@@ -262,3 +262,12 @@ def test_cpu_profile_full_data_and_k_shot_cells(tmp_path):
     assert set(seen["lora_k100"]["distinct_per_task"].values()) == {100}
     assert set(seen["lora_r8"]["distinct_per_task"].values()) == {50}
     assert configs["lora_full"][0].cell_timeout_s > bench.cell_timeout_s
+    # "the same k examples": lora_k50's training set is exactly MeTA-LoRA k=50's k-shot pool
+    from mtlora.data.tasks import load_tasks
+    from mtlora.meta import kshot_pools
+
+    meta = configs["meta_k50"][1]
+    pools = kshot_pools(load_tasks(meta.tasks, "train", meta.data.max_train_per_task), meta.meta)
+    k50 = configs["lora_k50"][1]
+    assert {ex for p in pools for ex in (*p.support, *p.query)} == set(
+        load_tasks(k50.tasks, "train", k50.data.max_train_per_task))
