@@ -194,3 +194,19 @@ def test_rereport_a_committed_results_json(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = run_cli(monkeypatch, capsys, "bench", str(tmp_path / "results.json"))
     assert code == 2 and "can only be re-reported" in err
+
+
+def test_chart_draws_method_and_paired_intervals(tmp_path):
+    from mtlora.bench.report import plot_macro
+
+    a = _entry("mlora", {0: _bits(60), 1: _bits(62)})
+    b = _entry("rlora", {0: _bits(65), 1: _bits(67)})
+    for e in (a, b):
+        own, _ = paired_difference(e, [])
+        e["macro"]["ci95"] = [own["low"], own["high"]]
+        e["label"] = e["role"]
+    methods = {"m": a, "r": b}
+    results = {"meta": {"title": "synthetic"}, "aggregate": {"methods": methods, "orderings": check_orderings(methods)}}
+    assert any(o.get("paired") for o in results["aggregate"]["orderings"])
+    plot_macro(results, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"

@@ -252,13 +252,13 @@ def plot_macro(results: dict[str, Any], path: Path) -> None:
     if paired:
         ax2 = axes[0][1]
         ys = list(range(len(paired)))[::-1]
-        diffs = [o["paired"]["diff"] for o in paired]
-        err = [[d - o["paired"]["low"] for d, o in zip(diffs, paired, strict=True)],
-               [o["paired"]["high"] - d for d, o in zip(diffs, paired, strict=True)]]
-        colors = ["#1a7f37" if o.get("held") else "#cf222e" if o.get("held") is False else "#6e7781" for o in paired]
-        ax2.errorbar(diffs, ys, xerr=err, fmt="none", ecolor=colors, capsize=3)
-        ax2.scatter(diffs, ys, c=colors, zorder=3, s=14)
+        for y, o in zip(ys, paired, strict=True):
+            p = o["paired"]
+            color = "#1a7f37" if o.get("held") else "#cf222e" if o.get("held") is False else "#6e7781"
+            ax2.errorbar([p["diff"]], [y], xerr=[[p["diff"] - p["low"]], [p["high"] - p["diff"]]], fmt="o",
+                         color=color, markersize=4, capsize=3)
         ax2.axvline(0.0, color="black", linewidth=0.8)
+        ax2.set_ylim(-0.5, len(paired) - 0.5)
         ax2.set_yticks(ys, [o["claim"][:48] for o in paired], fontsize=7)
         ax2.yaxis.tick_right()
         ax2.set_xlabel("left - right, macro accuracy (pp)")
