@@ -94,6 +94,17 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def read_yaml(path: Path, missing: str) -> Any:
+    """A YAML file's content; a missing file or a syntax error is a one-line user error."""
+    if not path.is_file():
+        raise UserError(path, missing)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise UserError(path, "invalid YAML", line=mark.line + 1 if mark else None) from None
+
+
 def _as_overrides(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -109,13 +120,7 @@ def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchC
     ``base.train.max_steps=2`` or ``output_dir=runs/x``. Every cell's run config is validated later by
     ``prepare_cells`` (with the cell's file and line in the error)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(path, "bench config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise UserError(path, "invalid YAML", line=mark.line + 1 if mark else None) from None
+    raw = read_yaml(path, "bench config file not found")
     if not isinstance(raw, dict):
         raise UserError(path, "expected a mapping with base, methods, seeds, output_dir")
     raw = deep_merge(raw, parse_overrides(list(overrides)))

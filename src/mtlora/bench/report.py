@@ -286,9 +286,7 @@ def write_outputs(
         "budgets": list(budgets.values()),
         "aggregate": aggregate(bench, cells, budgets, papers),
         "paper_reference": papers.reference_table(),
-        "paper_sources": [{"label": r["label"], "table": r.get("table"), "model": r.get("model"),
-                           "arxiv": papers.papers.get(r.get("paper") or "", {}).get("arxiv")}
-                          for r in papers.references],
+        "paper_sources": papers.sources(),
     }
     out = bench.output_dir
     paths = {"results": str(out / "results.json"), "table": str(out / "table.md"), "chart": str(out / "chart.png")}
@@ -374,9 +372,7 @@ def rereport_results(path: Path, command: str | None = None, papers_path: Path =
     agg["minimum_detectable_difference"] = minimum_detectable_difference(agg["orderings"])
     agg["equivalence_margin_pp"] = papers.margin
     results["paper_reference"] = papers.reference_table()
-    results["paper_sources"] = [{"label": r["label"], "table": r.get("table"), "model": r.get("model"),
-                                 "arxiv": papers.papers.get(r.get("paper") or "", {}).get("arxiv")}
-                                for r in papers.references]
+    results["paper_sources"] = papers.sources()
     results["meta"]["regenerated"] = {"command": command or f"mtlora bench {path} --report", "code": code_version(),
                                       "at": datetime.now(UTC).isoformat(timespec="seconds")}
     results["written_at"] = results["meta"]["regenerated"]["at"]

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtlora.bench.budgets import budget_key, training_data_seen
 from mtlora.bench.config import (
     CELL_ERROR,
@@ -36,6 +34,7 @@ from mtlora.bench.config import (
     ROLES,
     BenchConfig,
     adapter_summary,
+    read_yaml,
 )
 from mtlora.errors import UserError
 
@@ -71,6 +70,11 @@ class Papers:
         """``{column label: {role: number}}``, the shape of results.json's ``paper_reference``."""
         return {ref["label"]: dict(ref["values"]) for ref in self.references}
 
+    def sources(self) -> list[dict[str, Any]]:
+        """Each reference column's paper (arXiv id), table and model, for the table's citations."""
+        return [{"label": r["label"], "table": r.get("table"), "model": r.get("model"),
+                 "arxiv": self.papers.get(r.get("paper") or "", {}).get("arxiv")} for r in self.references]
+
     def cite(self, key: str | None) -> str:
         paper = self.papers.get(key or "")
         return f"arXiv {paper['arxiv']}" if paper and paper.get("arxiv") else ""
@@ -79,13 +83,7 @@ class Papers:
 def load_papers(path: str | Path) -> Papers:
     """Read and check a papers file; a mistake is a one-line user error naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(path, "papers file not found (set `papers:` in the bench YAML)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise UserError(path, "invalid YAML", line=mark.line + 1 if mark else None) from None
+    raw = read_yaml(path, "papers file not found (set `papers:` in the bench YAML)")
     if not isinstance(raw, dict) or not isinstance(raw.get("claims", []), list):
         raise UserError(path, "expected a mapping with references and claims (lists)")
     papers = raw.get("papers") or {}
