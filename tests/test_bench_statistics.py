@@ -66,6 +66,14 @@ def test_pairing_resolves_a_small_consistent_difference():
     assert "interval" in orderings_section({"orderings": [row], "equivalence_margin_pp": 2.0})[-1]
 
 
+def test_seeds_without_per_example_results_are_named():
+    a = _entry("mlora", {0: _bits(60), 1: _bits(62)})
+    b = _entry("rlora", {0: _bits(65), 1: _bits(67)})
+    a["seeds_done"] = b["seeds_done"] = [0, 1, 2]  # seed 2 ran before cells kept per-example results
+    row = {o["claim"]: o for o in check_orderings({"m": a, "r": b})}["M-LoRA > R-LoRA"]
+    assert row["paired"]["seeds"] == [0, 1] and "paired on seeds [0, 1] only" in row["verdict"]
+
+
 def test_identical_methods_give_an_interval_around_zero():
     a = _entry("mlora", {0: _bits(60, 0), 1: _bits(70, 20)})
     same, _ = paired_difference(a, [_entry("rlora", {0: _bits(60, 0), 1: _bits(70, 20)})])
