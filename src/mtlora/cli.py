@@ -223,14 +223,16 @@ def analyze_command(
 
 @app.command("bench")
 def bench_cli(
-    config: Annotated[Path, typer.Argument(help="bench YAML (e.g. configs/bench/cpu.yaml)")],
+    config: Annotated[Path, typer.Argument(
+        help="bench YAML (e.g. configs/bench/cpu.yaml), or a grid's results.json with --report")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. seeds=[0]")] = None,
     budgets: Annotated[bool, typer.Option(help="only count each method's trainable parameters")] = False,
     report: Annotated[bool, typer.Option(help="run nothing: rewrite the outputs from the finished cells")] = False,
     only: Annotated[list[str] | None, typer.Option(help="run only these methods (repeatable)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars (in-process cells)")] = True,
 ) -> None:
-    """Run a grid of methods x seeds: results.json, table.md, chart.png (resumable; exit 1 if a cell failed)."""
+    """Run a grid of methods x seeds: results.json, table.md (paired intervals), chart.png (resumable; exit 1 if a
+    cell failed)."""
     import shlex
 
     from mtlora.bench import bench_command
