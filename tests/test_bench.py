@@ -263,11 +263,11 @@ def test_cpu_profile_full_data_and_k_shot_cells(tmp_path):
     assert set(seen["lora_r8"]["distinct_per_task"].values()) == {50}
     assert configs["lora_full"][0].cell_timeout_s > bench.cell_timeout_s
     # "the same k examples": lora_k50's training set is exactly MeTA-LoRA k=50's k-shot pool
-    from mtlora.data.tasks import load_tasks
     from mtlora.meta import kshot_pools
+    from mtlora.train import training_examples
 
     meta = configs["meta_k50"][1]
-    pools = kshot_pools(load_tasks(meta.tasks, "train", meta.data.max_train_per_task), meta.meta)
+    pools = kshot_pools(training_examples(meta), meta.meta, seed=meta.train.seed)
     k50 = configs["lora_k50"][1]
-    assert {ex for p in pools for ex in (*p.support, *p.query)} == set(
-        load_tasks(k50.tasks, "train", k50.data.max_train_per_task))
+    assert k50.train.seed == meta.train.seed
+    assert {ex for p in pools for ex in (*p.support, *p.query)} == set(training_examples(k50))

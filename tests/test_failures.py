@@ -107,7 +107,7 @@ def test_demo_overwrite_also_refuses_foreign_folders(monkeypatch, capsys, tmp_pa
 
 # --------------------------------------------------------------------------- every numeric key's range
 BAD_VALUES = {
-    "data.max_length": [0, -3], "data.max_train_per_task": [0], "data.max_eval_per_task": [-1],
+    "data.max_length": [0, -3], "data.max_train_per_task": [0], "data.train_k_shot": [0], "data.max_eval_per_task": [-1],
     "data.tasks_per_batch": [0],
     "train.batch_size": [0], "train.grad_accum": [0], "train.lr": [0, -1e-3, math.nan], "train.weight_decay": [-0.1],
     "train.warmup_ratio": [-0.1, 1.0], "train.epochs": [0, -1], "train.max_steps": [0], "train.max_grad_norm": [-1, 0],

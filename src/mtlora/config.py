@@ -52,6 +52,9 @@ _NULLABLE = {"train": ("max_grad_norm",)}
 class DataConfig:
     max_length: int = field(default=256, metadata={"help": "tokens per example (prompt cut from the left)"})
     max_train_per_task: int | None = field(default=None, metadata={"help": "cap on training examples per task"})
+    train_k_shot: int | None = field(
+        default=None, metadata={"help": "train on k examples per task drawn per train.seed (MeTA-LoRA's k-shot draw)"}
+    )
     max_eval_per_task: int | None = field(
         default=200, metadata={"help": "cap on evaluation examples per task (0: no evaluation, null: all)"}
     )
@@ -61,7 +64,8 @@ class DataConfig:
     tasks_per_batch: int | None = field(default=None, metadata={"help": "k tasks per batch (task_balanced)"})
 
     def __post_init__(self) -> None:
-        _at_least(self, "data", max_length=1, max_train_per_task=1, max_eval_per_task=0, tasks_per_batch=1)
+        _at_least(self, "data", max_length=1, max_train_per_task=1, train_k_shot=1, max_eval_per_task=0,
+                  tasks_per_batch=1)
         if self.tasks_per_batch is not None and self.sampler != "task_balanced":
             raise UserError("data.tasks_per_batch", f"applies to data.sampler=task_balanced only, not {self.sampler!r}")
 
@@ -255,6 +259,7 @@ NOT_READ_BY_METHOD: dict[str, dict[str, str]] = {
         "train.gradient_checkpointing": "nothing yet (MeTA-LoRA runs without it)",
         "data.sampler": "meta.tasks_per_iter (tasks are drawn per meta-iteration)",
         "data.tasks_per_batch": "meta.tasks_per_iter",
+        "data.train_k_shot": "meta.k",
     },
 }
 # Sections read by one method only.

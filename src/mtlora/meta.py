@@ -76,12 +76,13 @@ def kshot_pools(examples: Sequence[Example], meta: MetaConfig, seed: int = 0) ->
     tasks nor on the torch RNG. Support and query are disjoint so that the query gradient measures
     how well the adapted theta_i generalises within the task, which is what the meta-update optimises.
     """
+    from mtlora.data.tasks import kshot_sample
+
     by_task: dict[str, list[Example]] = {}
-    for ex in examples:
+    for ex in kshot_sample(examples, meta.k, seed):
         by_task.setdefault(ex.task, []).append(ex)
     pools = []
-    for task, exs in by_task.items():
-        shots = random.Random(f"kshot:{seed}:{task}").sample(exs, min(meta.k, len(exs)))
+    for task, shots in by_task.items():
         n_support = round(len(shots) * meta.support_fraction)
         support, query = shots[:n_support], shots[n_support:]
         if len(support) < meta.support_size or len(query) < meta.query_size:

@@ -48,7 +48,7 @@ from mtlora.config import RunConfig, save_config
 from mtlora.data.collate import TaskCollator
 from mtlora.data.example import Example
 from mtlora.data.samplers import MultiTaskBatchSampler, make_batch_sampler
-from mtlora.data.tasks import load_tasks
+from mtlora.data.tasks import kshot_sample, load_tasks
 from mtlora.distributed import Dist, seed_rank
 from mtlora.distributed import setup as setup_distributed
 from mtlora.errors import UserError
@@ -134,11 +134,19 @@ def retain_freed_memory() -> bool:
     )
 
 
+def training_examples(config: RunConfig) -> list[Example]:
+    """The run's training set: the tasks' train splits, capped, and (``data.train_k_shot``) k per task."""
+    examples = load_tasks(config.tasks, "train", config.data.max_train_per_task)
+    if config.data.train_k_shot is not None:
+        examples = kshot_sample(examples, config.data.train_k_shot, config.train.seed)
+    return examples
+
+
 def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     """Load data first (cheap, catches user errors early), then the model, then inject adapters."""
     if config.train.retain_freed_memory:
         retain_freed_memory()
-    train_examples = load_tasks(config.tasks, "train", config.data.max_train_per_task)
+    train_examples = training_examples(config)
     eval_examples = load_tasks(config.tasks, "eval", config.data.max_eval_per_task)
     if not train_examples:
         raise UserError("tasks", "no training examples (check the task names and caps)")

@@ -118,9 +118,9 @@ def training_data_seen(config: RunConfig, eval_only: bool = False) -> dict[str, 
     """
     if eval_only:
         return {"pool_per_task": {}, "distinct_per_task": {}, "example_passes": 0, "k_shot": None}
-    from mtlora.data.tasks import load_tasks
+    from mtlora.train import training_examples
 
-    examples = load_tasks(config.tasks, "train", config.data.max_train_per_task)
+    examples = training_examples(config)
     pool: dict[str, int] = {}
     for ex in examples:
         pool[ex.task] = pool.get(ex.task, 0) + 1
@@ -128,7 +128,9 @@ def training_data_seen(config: RunConfig, eval_only: bool = False) -> dict[str, 
     if config.method == "meta_lora":
         from mtlora.meta import MetaSampler, kshot_pools
 
-        sampler = MetaSampler(kshot_pools(examples, config.meta), config.meta, seed=config.train.seed)
+        seed = config.train.seed
+        pool_seed = seed if config.meta.pool_seed is None else config.meta.pool_seed
+        sampler = MetaSampler(kshot_pools(examples, config.meta, seed=pool_seed), config.meta, seed=seed)
         passes = 0
         for _ in range(config.meta.iterations):
             for support, query in sampler.sample():

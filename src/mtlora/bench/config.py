@@ -187,9 +187,22 @@ def _positive_int(value: Any, key: str, source: str) -> int:
     return value
 
 
+def _base_for(base: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """The shared base without the keys this cell's method does not read (the run config refuses them)."""
+    from mtlora.config import NOT_READ_BY_METHOD
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for dotted in NOT_READ_BY_METHOD.get(method or "", {}):
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
+
+
 def cell_config_dict(bench: BenchConfig, method: MethodSpec, seed: int) -> dict[str, Any]:
     """The full run config of one cell: base, then the method's overrides, then seed and output folder."""
-    merged = deep_merge(bench.base, method.overrides)
+    merged = deep_merge(_base_for(bench.base, method.overrides.get("method", bench.base.get("method"))),
+                        method.overrides)
     merged = deep_merge(merged, {"train": {"seed": seed}})
     merged["output_dir"] = str(bench.cell_dir(method, seed) / RUN_DIR)
     return merged

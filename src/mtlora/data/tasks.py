@@ -403,6 +403,22 @@ def is_task_file(source: str | Path) -> bool:
     return p.suffix == ".jsonl" or p.is_file()
 
 
+def kshot_sample(examples: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """``k`` examples of every task, drawn with ``seed`` (tasks in first-seen order).
+
+    Each task draws from its own ``random.Random(f"kshot:{seed}:{task}")``, so a task's shots depend
+    neither on the other tasks nor on the torch RNG. MeTA-LoRA's k-shot pool and a plain LoRA
+    trained on "the same k examples" (``data.train_k_shot``) both come from here.
+    """
+    import random
+
+    by_task: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_task.setdefault(ex.task, []).append(ex)
+    return [ex for task, exs in by_task.items()
+            for ex in random.Random(f"kshot:{seed}:{task}").sample(exs, min(k, len(exs)))]
+
+
 PAIR_KEYS = ("name", "train", "eval")
 
 
