@@ -77,8 +77,10 @@ def train_command(
     from mtlora.config import load_config
 
     cfg = load_config(config, overrides or [])
-    if cfg.method == "meta_lora" and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
+    from mtlora.methods import get_method
+
+    if get_method(cfg.method).single_process and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError("method", f"{cfg.method} trains in one process; data parallelism covers the other methods")
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from mtlora.distributed import relaunch_train
 

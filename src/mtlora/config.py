@@ -22,10 +22,9 @@ from typing import Any, Literal
 import yaml
 
 from mtlora.errors import UserError
+from mtlora.methods import get_method, method_names
 
-METHODS = ("lora", "hydralora", "rlora", "mlora", "align_lora", "meta_lora")
-# Align-LoRA and MeTA-LoRA train a plain LoRA adapter; they differ by objective / procedure.
-ADAPTER_TYPE_OF_METHOD = {"align_lora": "lora", "meta_lora": "lora"}
+METHODS = method_names()  # mtlora.methods is the registry
 
 
 def _at_least(obj: Any, section: str, **minimum: float) -> None:
@@ -117,7 +116,7 @@ class EvalConfig:
 
 @dataclass
 class AlignConfig:
-    """Align-LoRA's alignment term (DESIGN.md section 3)."""
+    """Align-LoRA's alignment term (arXiv 2508.05078; docs/align_lora.md)."""
 
     loss: Literal["kl", "mmd"] = field(default="kl", metadata={"help": "A-LoRA-K (sym. KL) or A-LoRA-M (MMD)"})
     lam: float = field(default=0.2, metadata={"help": "weight lambda of the alignment loss (YAML key: lambda)"})
@@ -163,7 +162,7 @@ class AlignConfig:
 
 @dataclass
 class MetaConfig:
-    """MeTA-LoRA's two-stage meta-learning (DESIGN.md section 4; docs/meta_lora.md).
+    """MeTA-LoRA's two-stage meta-learning (arXiv 2510.11598; docs/meta_lora.md).
 
     The paper gives no values; the defaults are ours: k=50 is the paper's smaller k-shot setting,
     split half support / half query (disjoint, so the query loss measures adaptation). 4+4 examples
@@ -220,8 +219,7 @@ class RunConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        get_method(self.method)  # an unknown method is a UserError listing the registered ones
         if not self.tasks:
             raise UserError("tasks", "expected at least one task")
         from mtlora.data.tasks import check_task_source
@@ -233,12 +231,10 @@ class RunConfig:
 
     @property
     def adapter_type(self) -> str:
-        return ADAPTER_TYPE_OF_METHOD.get(self.method, self.method)
+        return get_method(self.method).adapter_type
 
     def adapter_config(self):
-        from mtlora.adapters import make_adapter_config
-
-        return make_adapter_config(self.adapter_type, **self.adapter)
+        return get_method(self.method).adapter_config(self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -248,22 +244,10 @@ class RunConfig:
 
 _YAML_RENAMES = {("align", "lambda"): "lam"}
 
-# Keys a method does not read, and what replaces each: setting one is an error, never a silent no-op.
-NOT_READ_BY_METHOD: dict[str, dict[str, str]] = {
-    "meta_lora": {
-        "train.lr": "meta.outer_lr",
-        "train.batch_size": "meta.support_size and meta.query_size",
-        "train.grad_accum": "meta.tasks_per_iter",
-        "train.epochs": "meta.iterations",
-        "train.max_steps": "meta.iterations",
-        "train.gradient_checkpointing": "nothing yet (MeTA-LoRA runs without it)",
-        "data.sampler": "meta.tasks_per_iter (tasks are drawn per meta-iteration)",
-        "data.tasks_per_batch": "meta.tasks_per_iter",
-        "data.train_k_shot": "meta.k",
-    },
-}
-# Sections read by one method only.
-SECTION_METHOD = {"align": "align_lora", "meta": "meta_lora"}
+# Keys a method does not read, and what replaces each: setting one is an error, never a silent no-op;
+# sections read by one method only. Both come from the method registry.
+NOT_READ_BY_METHOD: dict[str, dict[str, str]] = {m: get_method(m).not_read for m in METHODS}
+SECTION_METHOD = {get_method(m).section: m for m in METHODS if get_method(m).section}
 # Keys read only under another key's value: (section, key) -> (key it depends on, that value, why).
 KEY_CONDITIONS = {
     ("align", "mmd_bandwidths"): ("loss", "mmd", "applies to align.loss=mmd only"),

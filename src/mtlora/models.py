@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mtlora.errors import UserError
+from mtlora.paths import cache_dir  # noqa: F401 (re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_ALIASES = {
@@ -37,9 +38,6 @@ def portable_name(name_or_path: str | Path) -> str:
     return HUB_NAMES.get(str(name_or_path), str(name_or_path))
 
 
-def cache_dir() -> Path:
-    """Where converted base models live; ``MTLORA_CACHE`` moves it."""
-    return Path(os.environ.get("MTLORA_CACHE", Path.home() / ".cache" / "mtlora"))
 
 
 def _package_file(package: str, filename: str) -> Path:

@@ -54,6 +54,7 @@ from mtlora.distributed import setup as setup_distributed
 from mtlora.errors import UserError
 from mtlora.fileio import atomic_write_dir, atomic_write_json
 from mtlora.interrupts import Interrupted, graceful_stop
+from mtlora.methods import LM_OBJECTIVE, get_method
 from mtlora.models import load_model, portable_name
 from mtlora.objectives import supervised_lm_loss
 from mtlora.progress import StepLog, truncate_metrics
@@ -171,10 +172,9 @@ def build_objective(config: RunConfig, *, num_tasks: int | None = None, reduce_f
     ``num_tasks``/``reduce_fn`` are Align-LoRA's data-parallel hooks: a fixed task count (so every
     rank's statistics have one shape) and the all-reduce of its per-task statistics.
     """
-    if config.method == "align_lora":
-        from mtlora.objectives.align import AlignObjective
-
-        return AlignObjective(config.align, num_tasks=num_tasks, reduce_fn=reduce_fn)
+    method = get_method(config.method)
+    if method.objective != LM_OBJECTIVE:  # a method's own objective: a factory of the run config
+        return method.load("objective")(config, num_tasks=num_tasks, reduce_fn=reduce_fn)
     if getattr(config.adapter_config(), "load_balance_coef", 0.0) > 0:
         return _with_router_balance(supervised_lm_loss)
     return supervised_lm_loss
@@ -413,11 +413,7 @@ class GradientSteps:
 
 
 def procedure_for(config: RunConfig):
-    if config.method == "meta_lora":
-        from mtlora.meta import MetaSteps
-
-        return MetaSteps
-    return GradientSteps
+    return get_method(config.method).load("procedure")
 
 
 # Keys that may change on --resume: they do not alter the training trajectory (max_steps and
@@ -542,10 +538,9 @@ def train(
     elapsed = time.perf_counter() - start
     extra = {"world_size": dist.world_size, **procedure.extra()}
     summary = finish_run(run, state, out, elapsed, progress=progress, dist=dist, extra=extra)
-    if dist.is_main and config.method == "align_lora":
-        from mtlora.objectives.align import plot_align_history
-
-        plot_align_history(state.history, out / "align_history.png")
+    if dist.is_main:
+        for hook in get_method(config.method).hooks():  # e.g. Align-LoRA's loss plot
+            hook(run, state, out)
     dist.barrier()  # every rank returns once the outputs exist
     return summary
 

@@ -14,19 +14,15 @@ from typing import Any
 from torch import nn
 
 from mtlora.adapters.lora import ALL_LINEAR, LoraConfig, LoraLinear
+from mtlora.adapters.registry import ADAPTER_TYPES, register_adapter_type  # noqa: F401 (re-exported)
 from mtlora.errors import UserError
 
 # method name -> layer class (its ``config_class`` gives the config dataclass)
-ADAPTER_TYPES: dict[str, type[LoraLinear]] = {"lora": LoraLinear}
-
-
-def register_adapter_type(method: str, layer_class: type[LoraLinear]) -> None:
-    ADAPTER_TYPES[method] = layer_class
+ADAPTER_TYPES["lora"] = LoraLinear
 
 
 def make_adapter_config(method: str = "lora", **kwargs: Any) -> LoraConfig:
     """Build the config dataclass of ``method`` from keyword arguments, with clear errors."""
-    _ensure_builtin_types_registered()
     if method not in ADAPTER_TYPES:
         raise UserError("adapter.method", f"unknown adapter type {method!r}; expected one of {sorted(ADAPTER_TYPES)}")
     config_class = ADAPTER_TYPES[method].config_class
@@ -39,13 +35,6 @@ def make_adapter_config(method: str = "lora", **kwargs: Any) -> LoraConfig:
     return config_class(method=method, **kwargs)
 
 
-def _ensure_builtin_types_registered() -> None:
-    """Import the multi-head family so it registers itself (kept lazy to avoid import cycles)."""
-    try:
-        import mtlora.adapters.multihead  # noqa: F401
-    except ModuleNotFoundError as exc:  # the module is optional until it exists
-        if exc.name != "mtlora.adapters.multihead":
-            raise
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -88,7 +77,6 @@ def inject_adapters(model: nn.Module, config: LoraConfig) -> nn.Module:
     Freezes every base parameter; only adapter parameters train. Returns the same model, with the
     config kept on ``model.mtlora_config`` for saving.
     """
-    _ensure_builtin_types_registered()
     if getattr(model, "mtlora_config", None) is not None:
         raise ValueError("model already has adapters; load the base model again to inject new ones")
     layer_class = ADAPTER_TYPES[config.method]

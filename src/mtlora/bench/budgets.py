@@ -125,7 +125,9 @@ def training_data_seen(config: RunConfig, eval_only: bool = False) -> dict[str, 
     for ex in examples:
         pool[ex.task] = pool.get(ex.task, 0) + 1
     seen: dict[str, set] = {task: set() for task in pool}
-    if config.method == "meta_lora":
+    from mtlora.methods import get_method
+
+    if get_method(config.method).k_shot:
         from mtlora.meta import MetaSampler, kshot_pools
 
         seed = config.train.seed

@@ -19,6 +19,8 @@ import yaml
 
 from mtlora.config import RunConfig, deep_merge, load_config, parse_overrides
 from mtlora.errors import UserError
+from mtlora.fileio import atomic_write_text
+from mtlora.methods import get_method
 
 CELLS_DIR = "cells"
 CELL_CONFIG = "cell.yaml"
@@ -88,10 +90,7 @@ class BenchConfig:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write through a temporary file and rename it: a killed bench never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def read_yaml(path: Path, missing: str) -> Any:
@@ -232,7 +231,7 @@ def prepare_cells(bench: BenchConfig) -> list[tuple[MethodSpec, int, RunConfig]]
                 "eval_only": method.eval_only, "config_hash": config_hash(raw)}
         atomic_write(cell / CELL_SPEC, json.dumps(spec, indent=2) + "\n")
         config = load_config(cell / CELL_CONFIG)
-        if config.method == "meta_lora" and method.eval_only:
+        if get_method(config.method).k_shot and method.eval_only:
             raise UserError(bench.source, f"methods.{method.name}: eval_only needs a plain method")
         out.append((method, seed, config))
     return out
@@ -240,12 +239,10 @@ def prepare_cells(bench: BenchConfig) -> list[tuple[MethodSpec, int, RunConfig]]
 
 def adapter_summary(config: RunConfig) -> str:
     """Short text of a cell's adapter for the table: e.g. ``lora r=8`` or ``rlora 5x r=4``."""
-    if config.method == "base":
-        return "-"
     a = config.adapter_config()
     targets = a.target_modules if isinstance(a.target_modules, str) else "/".join(
         t.replace("_proj", "") for t in a.target_modules)
     heads = f"{a.num_heads}x " if hasattr(a, "num_heads") else ""
-    extra = {"align_lora": f" + {config.align.loss} align, lambda {config.align.lam:g}",
-             "meta_lora": f", meta-trained on k={config.meta.k}/task"}.get(config.method, "")
+    describe = get_method(config.method).describe
+    extra = describe(config) if describe else ""
     return f"{a.method} {heads}r={a.r} ({targets}){extra}"

@@ -124,11 +124,9 @@ def run_cell(cell: Path, progress: bool = False) -> dict[str, Any]:
         resumed = (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file() and (
             stamp.is_file() and stamp.read_text().strip() == spec["config_hash"])
         atomic_write(stamp, spec["config_hash"] + "\n")
-        if config.method == "meta_lora":
-            from mtlora.meta import train_meta as trainer
-        else:
-            from mtlora.train import train as trainer
-        summary = trainer(config, resume=resumed, overwrite=not resumed, progress=progress)
+        from mtlora.train import train
+
+        summary = train(config, resume=resumed, overwrite=not resumed, progress=progress)
         if not summary.get("evals"):
             raise RuntimeError("training finished without an evaluation (no eval examples?)")
         report = summary["evals"][-1]

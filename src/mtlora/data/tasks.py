@@ -22,14 +22,13 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from mtlora.data.example import Example
+from mtlora.data.example import Example, summarize  # noqa: F401 (re-exported)
 from mtlora.errors import UserError
 
 Split = Literal["train", "eval", "all"]
@@ -526,14 +525,3 @@ def task_table() -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(examples: Iterable[Example]) -> dict[str, Any]:
-    """Counts for a list of examples: total, per task (first-seen order), multiple-choice vs open."""
-    examples = list(examples)
-    per_task = Counter(ex.task for ex in examples)
-    n_mc = sum(ex.is_multiple_choice for ex in examples)
-    return {
-        "n": len(examples),
-        "tasks": dict(per_task),
-        "multiple_choice": n_mc,
-        "open": len(examples) - n_mc,
-    }

@@ -1,4 +1,4 @@
-"""Align-LoRA: align the task representations in the shared adapter space (DESIGN.md section 3).
+"""Align-LoRA: align the task representations in the shared adapter space (arXiv 2508.05078).
 
 ::
 
@@ -52,20 +52,20 @@ task-balanced sampler interleaves rows, so every rank's slice holds all k tasks)
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.config import AlignConfig
 from mtlora.errors import UserError
 from mtlora.objectives.lm import supervised_hidden
+
+if TYPE_CHECKING:
+    from mtlora.config import AlignConfig
 
 __all__ = [
     "AlignObjective",
@@ -521,6 +521,16 @@ class AlignObjective:
 
 
 # --- plot -----------------------------------------------------------------------------------------
+def make_objective(config, *, num_tasks: int | None = None, reduce_fn=None) -> AlignObjective:
+    """Align-LoRA's objective from a run config (the method registry's factory)."""
+    return AlignObjective(config.align, num_tasks=num_tasks, reduce_fn=reduce_fn)
+
+
+def plot_after_training(run, state, out) -> None:
+    """Align-LoRA's after-training hook (``mtlora.methods``): the loss plot beside the adapter."""
+    plot_align_history(state.history, out / "align_history.png")
+
+
 def plot_align_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Plot lm_loss, align_loss and inter_task_kl per optimiser step into a PNG, written atomically.
 
@@ -546,13 +556,7 @@ def plot_align_history(history: Sequence[Mapping[str, Any]], path: str | Path) -
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from mtlora.fileio import atomic_write_with
+
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
