@@ -52,6 +52,34 @@ def tasks_command() -> None:
     console.print(table)
 
 
+@app.command("models")
+def models_command(
+    model: Annotated[str | None, typer.Argument(help="a local HF model folder: list its adaptable modules")] = None,
+) -> None:
+    """Which module names each tested model family uses for LoRA's target roles (q_proj ... down_proj)."""
+    from mtlora.models import MODULE_NAMES, ROLES
+
+    table = Table(title="target_modules roles per family (each tested with every method)")
+    groups = (("q_proj, k_proj, v_proj", ROLES[:3]), *((role, (role,)) for role in ROLES[3:]))
+    for col, _ in (("family", ()), *groups):
+        table.add_column(col, overflow="fold")
+    for family, names in MODULE_NAMES.items():
+        cells = [", ".join(dict.fromkeys(n for role in roles for n in names[role])) or "-" for _, roles in groups]
+        table.add_row(family, *cells)
+    console.print(table)
+    console.print("Fused modules serve every role they contain; `all-linear` adapts every linear layer "
+                  "(GPT-2's Conv1D included) except the output head.")
+    if model is not None:
+        from mtlora.adapters import find_target_modules
+        from mtlora.models import load_model
+
+        _quiet_libraries()
+        lm, _ = load_model(model)
+        found = find_target_modules(lm, "all-linear")
+        console.print(f"{model} ({lm.config.model_type}): {len(found)} adaptable modules: "
+                      f"{sorted({n.rsplit('.', 1)[-1] for n in found})}")
+
+
 @data_app.command("check")
 def data_check(file: Annotated[Path, typer.Argument(help="a JSONL task file")]) -> None:
     """Validate a JSONL task file without loading a model; print its size and task counts."""
