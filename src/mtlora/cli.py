@@ -244,6 +244,63 @@ def bench_cli(
         sys.exit(code)
 
 
+@app.command("generate")
+def generate_command(
+    source: Annotated[str, typer.Argument(help="an adapter folder, or a base model alias / HF folder")],
+    prompt: Annotated[str | None, typer.Option(help="one prompt")] = None,
+    file: Annotated[Path | None, typer.Option(help='JSONL prompts: {"prompt": ..., "task": ...} per line')] = None,
+    task: Annotated[str | None, typer.Option(help="task name for task-aware adapters (default for --file lines)")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; > 0: sampling")] = 0.0,
+    chat: Annotated[bool, typer.Option(help="wrap prompts in the tokenizer's chat template")] = False,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    base: Annotated[str | None, typer.Option(help="base model of an adapter (default: the adapter's)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
+) -> None:
+    """Complete prompts with an adapter or a model: greedy by default, batched over a prompts file (JSONL out)."""
+    from mtlora.generate import Prompt, generate, load_for_generation, read_prompts
+    from mtlora.models import resolve_device, resolve_precision
+
+    if (prompt is None) == (file is None):
+        raise UserError("generate", "expected exactly one of --prompt TEXT or --file prompts.jsonl")
+    prompts = [Prompt(prompt)] if prompt is not None else read_prompts(file)
+    resolve_device(device), resolve_precision(precision)  # bad values fail before the model loads
+    _quiet_libraries()
+    model, tokenizer, task_names = load_for_generation(source, base=base, device=device, precision=precision)
+    texts = generate(model, tokenizer, prompts, task=task, task_names=task_names, max_new_tokens=max_new_tokens,
+                     temperature=temperature, batch_size=batch_size, chat=chat, seed=seed)
+    if prompt is not None:
+        print(texts[0])
+        return
+    for p, text in zip(prompts, texts, strict=True):
+        print(json.dumps({"prompt": p.text, "task": p.task or task, "completion": text}))
+
+
+@app.command("export")
+def export_command(
+    adapter: Annotated[Path, typer.Argument(help="a trained adapter folder")],
+    out: Annotated[Path, typer.Argument(help="the folder to write")],
+    merge: Annotated[bool, typer.Option(help="fold the adapter into the base: a full HF model folder")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 weights in the export")] = "fp32",
+    base: Annotated[str | None, typer.Option(help="base model to merge into (default: the adapter's)")] = None,
+    base_name: Annotated[str | None, typer.Option(help="base model name written into the export (e.g. a Hub id)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier export in OUT")] = False,
+) -> None:
+    """Export an adapter: a clean PEFT folder with a model card, or (--merge) a merged full model."""
+    import shlex
+
+    from mtlora.export import export
+
+    _quiet_libraries()
+    command = shlex.join(["mtlora", "export", str(adapter), str(out), *(["--merge"] if merge else []),
+                          *(["--dtype", dtype] if dtype != "fp32" else [])])
+    path = export(adapter, out, merge=merge, dtype=dtype, base=base, base_name=base_name, overwrite=overwrite,
+                  command=command)
+    console.print(f"{'merged model' if merge else 'adapter'}: {path}")
+
+
 def main() -> None:
     """Console entry point: user errors -> one line + exit 2; bugs keep their traceback."""
     try:

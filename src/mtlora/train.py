@@ -445,10 +445,12 @@ def train(
     return summary
 
 
-def load_trained(adapter_dir: str | Path, base: str | None = None):
+def load_trained(adapter_dir: str | Path, base: str | None = None, *, device: str | None = None,
+                 precision: str | None = None):
     """Base model + a saved adapter, ready for evaluation (the base is read from the adapter)."""
     _, extra = read_adapter_config(adapter_dir)  # validates before the model is loaded
-    model, tokenizer = load_model(base or extra.get("base_model") or "smollm2-135m")
+    model, tokenizer = load_model(base or extra.get("base_model") or "smollm2-135m", device=device,
+                                  precision=precision)
     _, extra = load_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer, extra

@@ -168,12 +168,37 @@ def inject_adapters(model: nn.Module, config: LoraConfig) -> nn.Module:
         base = getattr(parent, child)
         if not isinstance(base, nn.Linear):  # Conv1D: adapt its nn.Linear view (module docstring)
             base = conv1d_as_linear(base)
-        layer = layer_class(base, config, name=name)
+        layer = _build_layer(layer_class, base, config, name)
         layer.train(base.training)  # a new module starts in training mode: keep the model's mode
         setattr(parent, child, layer)
     model.mtlora_config = config
     mark_only_adapters_trainable(model)
     return model
+
+
+def _shape_twin(base: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` with ``base``'s shape and device but ``dtype``, holding no memory (its weight
+    is one expanded element): what an adapter layer reads to create and initialise its weights."""
+    w = base.weight
+    with torch.device("meta"):
+        twin = nn.Linear(base.in_features, base.out_features, bias=False)
+    twin.weight = nn.Parameter(torch.zeros((), dtype=dtype, device=w.device).expand(w.shape), requires_grad=False)
+    return twin
+
+
+def _build_layer(layer_class: type[LoraLinear], base: nn.Linear, config: LoraConfig, name: str) -> LoraLinear:
+    """The adapter layer around ``base``; over a bf16/fp16 base its weights are fp32 master weights.
+
+    Mixed precision keeps trainable weights (and so AdamW's state) in fp32 and lets autocast
+    (``mtlora.models.apply_precision``) run the matmuls in the base dtype. The adapter is created
+    and initialised in fp32 directly (around a zero-memory fp32 twin of ``base``), not rounded
+    from a bf16 draw: R-LoRA's mean-centred heads must sum to ~0 in fp32.
+    """
+    if base.weight.dtype not in (torch.bfloat16, torch.float16):
+        return layer_class(base, config, name=name)
+    layer = layer_class(_shape_twin(base, torch.float32), config, name=name)
+    layer.base_layer = base
+    return layer
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
