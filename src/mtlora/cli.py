@@ -152,6 +152,8 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="for open-answer tasks")] = 16,
     output: Annotated[Path | None, typer.Option(help="write metrics JSON here")] = None,
     progress: Annotated[bool, typer.Option()] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
 ) -> None:
     """Evaluate the base model or an adapter: acc / acc_norm (multiple choice), exact match (open)."""
     from mtlora.data.tasks import load_tasks
@@ -160,19 +162,23 @@ def eval_command(
     if split not in ("eval", "train", "all"):
         raise UserError("--split", f"expected eval, train or all, got {split!r}")
     examples = load_tasks(tasks, split, max_per_task)
+    from mtlora.models import resolve_device, resolve_precision
+
+    resolve_device(device), resolve_precision(precision)  # bad values fail before the model loads
     _quiet_libraries()
     task_names = None
     if adapter is not None:
         from mtlora.train import load_trained
 
-        lm, tokenizer, extra = load_trained(adapter, base=None if model == "smollm2-135m" else model)
+        lm, tokenizer, extra = load_trained(adapter, base=None if model == "smollm2-135m" else model,
+                                            device=device, precision=precision)
         task_names = extra.get("task_names")
         if task_names and not {ex.task for ex in examples} <= set(task_names):
             task_names = None  # unseen tasks: ids only matter to task-aware adapters, which say so
     else:
         from mtlora.models import load_model
 
-        lm, tokenizer = load_model(model)
+        lm, tokenizer = load_model(model, device=device, precision=precision)
     report = evaluate(lm, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       progress=progress, task_names=task_names)
     console.print(render_table(report))

@@ -54,6 +54,7 @@ from mtlora.config import MetaConfig, RunConfig, save_config
 from mtlora.data.collate import TaskCollator
 from mtlora.data.example import Example
 from mtlora.errors import UserError
+from mtlora.models import resolve_device
 from mtlora.objectives.lm import IGNORE_INDEX, supervised_hidden, supervised_lm_loss
 from mtlora.train import (
     CHECKPOINT_DIR,
@@ -319,6 +320,10 @@ def _reference_meta_gradients(model, episodes, meta: MetaConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------- train
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
 def meta_optimizer_config(config: RunConfig) -> RunConfig:
     """The run config with ``train.lr`` set to the outer lr beta, so the trainer's AdamW + cosine is reused."""
     return dataclasses.replace(config, train=dataclasses.replace(config.train, lr=config.meta.outer_lr))
@@ -339,6 +344,9 @@ def train_meta(
     (beta, support/query sizes and ``meta.iterations`` replace them).
     """
     meta, tcfg = config.meta, config.train
+    if config.precision == "fp16":  # its inner SGD step on raw autograd.grad has no loss scale
+        raise UserError("precision", "meta_lora trains in fp32 or bf16; fp16 needs a loss scaler its inner step lacks")
+    device = resolve_device(config.device)
     out = Path(config.output_dir)
     prepare_output_dir(out, resume, overwrite)
     run = run or prepare_run(config)
@@ -356,8 +364,8 @@ def train_meta(
     with step_progress(meta.iterations, enabled=progress, initial=state.step, description="meta") as bar:
         while state.step < meta.iterations:
             episodes = sampler.sample()
-            support = collate_slots(run.collator, [s for s, _ in episodes])
-            query = collate_slots(run.collator, [q for _, q in episodes])
+            support = _to(collate_slots(run.collator, [s for s, _ in episodes]), device)
+            query = _to(collate_slots(run.collator, [q for _, q in episodes]), device)
             optimizer.zero_grad(set_to_none=True)
             stats = meta_gradients(model, support, query, meta)
             if not torch.isfinite(stats["meta_loss"]):

@@ -52,7 +52,7 @@ from mtlora.data.tasks import load_tasks
 from mtlora.distributed import Dist, seed_rank
 from mtlora.distributed import setup as setup_distributed
 from mtlora.errors import UserError
-from mtlora.models import load_model
+from mtlora.models import load_model, resolve_device
 from mtlora.objectives import supervised_lm_loss
 
 CHECKPOINT_DIR = "checkpoint"
@@ -142,7 +142,9 @@ def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     if not train_examples:
         raise UserError("tasks", "no training examples (check the task names and caps)")
     task_names = sorted({ex.task for ex in train_examples} | {ex.task for ex in eval_examples})
-    model, tokenizer = load_model(config.model)
+    # several processes: load on the CPU, Accelerate places each rank's replica on its own device
+    model, tokenizer = load_model(config.model, device="cpu" if world_size > 1 else config.device,
+                                  precision=config.precision)
     seed_everything(config.train.seed)  # adapter init depends on the seed only
     inject_adapters(model, config.adapter_config())
     collator = TaskCollator(tokenizer, task_names, config.data.max_length)
@@ -228,6 +230,7 @@ def save_checkpoint(
     state: TrainState,
     out: Path,
     dist: Dist | None = None,
+    scaler=None,
 ) -> None:
     """Write the checkpoint atomically. Distributed: every rank must call it (their RNG states are
     gathered); rank 0 alone writes. Optimiser and adapter are replicas, so rank 0's are everyone's."""
@@ -244,6 +247,8 @@ def save_checkpoint(
     }
     if dist.world_size > 1:
         trainer_state["rng_per_rank"] = rng_per_rank
+    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale resumes where it was
+        trainer_state["scaler"] = scaler.state_dict()
     if not dist.is_main and not dist.sharded:
         return
 
@@ -257,16 +262,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path, dist: Dist | None = None
+    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path, dist: Dist | None = None,
+    scaler=None,
 ) -> TrainState:
     """Restore a checkpoint (every rank loads it). A rank restores its own RNG state when the world
     size is the one that saved it, else rank 0's (dropout masks then differ from the first run)."""
     dist = dist or Dist()
     ckpt = out / CHECKPOINT_DIR
-    saved = torch.load(ckpt / STATE_FILE, weights_only=False)
+    saved = torch.load(ckpt / STATE_FILE, weights_only=False, map_location="cpu")  # any device resumes it
     load_adapter_weights(run.model, ckpt / ADAPTER_DIR)
-    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
     scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
     try:
         sampler.load_state_dict(saved["sampler"])
     except ValueError as exc:
@@ -365,7 +373,10 @@ def train(
 
     Under ``accelerate launch`` every process calls this; rank 0 writes, logs and evaluates.
     """
+    device = resolve_device(config.device)  # a device this machine lacks: one line, before any output
     dist = setup_distributed()
+    if dist.world_size == 1:
+        dist.local_device = device
     out = Path(config.output_dir)
     prepare_output_dir(out, resume, overwrite, create=False)  # every rank checks, before any wait
     if dist.is_main:
@@ -387,7 +398,9 @@ def train(
     if resume and dist.sharded:
         raise UserError("--resume", "resuming FSDP/DeepSpeed runs is not supported yet (their optimiser "
                         "state is sharded); resume under DDP or one process")
-    state = load_checkpoint(run, optimizer, scheduler, sampler, out, dist) if resume else TrainState()
+    # fp16 needs a loss scale (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    state = load_checkpoint(run, optimizer, scheduler, sampler, out, dist, scaler) if resume else TrainState()
     step_fn, optimizer = dist.wrap(model, objective, optimizer)
     stream = micro_batches(run, sampler)
     model.train()
@@ -410,16 +423,18 @@ def train(
                             f"loss is {loss.item()} at step {state.step + 1}; stopped before the optimiser "
                             f"step. The last good checkpoint is in {out / CHECKPOINT_DIR}"
                         )
-                    dist.backward(loss * weight / tcfg.grad_accum)
+                    dist.backward(scaler.scale(loss * weight / tcfg.grad_accum))
                 for key, value in {"loss": loss.detach(), **parts}.items():
                     logs[key] = logs.get(key, 0.0) + float(value) * weight / tcfg.grad_accum
             logs = dist.reduce_logs(logs)
+            scaler.unscale_(optimizer)  # no-op but for fp16: clip and log the true gradient
             if tcfg.max_grad_norm:
                 norm = dist.clip_grad_norm_([p for _, p in trainable_parameters(model)], tcfg.max_grad_norm)
                 if norm is not None:
                     logs["grad_norm"] = norm
             logs["lr"] = scheduler.get_last_lr()[0]
-            optimizer.step()
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
+            scaler.update()
             scheduler.step()
             state.step += 1
             logs["step_seconds"] = time.perf_counter() - step_start
@@ -430,7 +445,7 @@ def train(
                     state.evals.append(evaluate_run(run, state.step, progress=False))
                 model.train()
             if state.step % tcfg.save_every == 0 or state.step == steps:
-                save_checkpoint(run, optimizer, scheduler, sampler, state, out, dist)
+                save_checkpoint(run, optimizer, scheduler, sampler, state, out, dist, scaler)
 
     elapsed = time.perf_counter() - start
     extra = {"world_size": dist.world_size}
