@@ -219,3 +219,31 @@ def test_cpu_kernels_never_run_on_another_dtype_or_device(monkeypatch):
     if kernels.library() is not None:  # the probe sees the kernel where it belongs: fp32 on the CPU
         run(torch.float32, "cpu")
         assert calls
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_exercises_every_step_on_the_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    script = str(root / "benchmarks" / "device_check.py")
+    proc = subprocess.run([sys.executable, script, "--dry-run", "--out", str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["pytest_device", "train_step_bf16", "demo_train_bf16", "train_step_fp32",
+                           "multihead_step", "meta_step", "eval_speed"]
+    failed = {n: s.get("tail", s.get("reason"))[-800:] for n, s in steps.items() if s["rc"] != 0}
+    assert proc.returncode == 0 and not failed, failed
+    assert steps["train_step_bf16"]["result"]["precision"] == "bf16"
+    assert steps["train_step_fp32"]["result"]["precision"] == "fp32"
+    assert steps["pytest_device"]["env"] == {"MTLORA_TEST_DEVICE": "cpu"}
+    assert (tmp_path / "demo_bf16" / "adapter" / "adapter_model.safetensors").is_file()
+    assert report["dry_run"] is True and report["machine"]["torch"] == torch.__version__
+    if not torch.cuda.is_available():  # the real check refuses a machine without a GPU, in one line
+        proc = subprocess.run([sys.executable, script, "--out", str(tmp_path / "real")], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr

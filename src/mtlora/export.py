@@ -19,6 +19,7 @@ nothing else. The folder is written atomically (temporary folder + rename).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def model_card(*, base_name: str | None, method: str, tasks: list[str], results:
     front = ["---", f"library_name: {library}"]
     if base_name:
         front.append(f"base_model: {base_name}")
-    front += ["tags:", "- mtlora", f"- {method}", "- lora", "---", ""]
+    front += ["tags:", *(f"- {tag}" for tag in dict.fromkeys(["mtlora", method, "lora"])), "---", ""]
     kind = "the base model with the adapter merged into its weights" if merged else "a LoRA adapter (PEFT format)"
     load = (
         '```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("PATH")\n```\n'
@@ -203,3 +204,9 @@ def _write_common(tmp: Path, card: str, marker: dict[str, Any], config_file: Pat
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if config_file is not None:
         shutil.copyfile(config_file, tmp / "training_config.yaml")
+    # an export is meant to be shared: the umask's permissions, not the private temporary folder's
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for path in tmp.iterdir():
+        os.chmod(path, 0o666 & ~umask)
