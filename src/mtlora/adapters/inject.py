@@ -154,7 +154,8 @@ def inject_adapters(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Wrap every selected ``nn.Linear`` of ``model`` in the config's adapter layer, in place.
 
     Freezes every base parameter; only adapter parameters train. Returns the same model, with the
-    config kept on ``model.mtlora_config`` for saving.
+    config kept on ``model.mtlora_config`` for saving. Over a bf16/fp16 base the adapters are fp32
+    and the model's forward runs under autocast (``_build_layer``, ``mtlora.models.apply_precision``).
     """
     _ensure_builtin_types_registered()
     if getattr(model, "mtlora_config", None) is not None:
@@ -173,6 +174,10 @@ def inject_adapters(model: nn.Module, config: LoraConfig) -> nn.Module:
         setattr(parent, child, layer)
     model.mtlora_config = config
     mark_only_adapters_trainable(model)
+    if any(layer.base_layer.weight.dtype != layer.lora_A.weight.dtype for _, layer in adapter_layers(model)):
+        from mtlora.models import apply_precision
+
+        apply_precision(model)  # fp32 adapters over a bf16/fp16 base compute under autocast
     return model
 
 
