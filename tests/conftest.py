@@ -25,8 +25,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def task_files(tmp_path) -> list[Path]:
     """Two small multiple-choice tasks in the user JSONL format."""
     sentiment = [
-        {"prompt": f"Review: the cat {w} the mat. Positive or negative?", "answer": a, "choices": ["negative", "positive"]}
-        for w, a in [("loves", "positive"), ("hates", "negative"), ("likes", "positive"), ("bites", "negative")] * 4
+        {"prompt": f"Review: the cat {w} the mat{'.' * (1 + i)} Positive or negative?", "answer": a,
+         "choices": ["negative", "positive"]}
+        for i in range(4)
+        for w, a in [("loves", "positive"), ("hates", "negative"), ("likes", "positive"), ("bites", "negative")]
     ]
     qa = [
         {"prompt": f"Question: what is {i} + 1? Answer:", "answer": str(i + 1), "choices": [str(i + 1), str(i + 2)]}

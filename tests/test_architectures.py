@@ -126,10 +126,13 @@ def _run_config(tmp_path: Path, model_dir: Path, tasks: list[Path], method: str)
     overrides = [
         f"model={model_dir}", f"method={method}", f"tasks=[{tasks[0]},{tasks[1]}]",
         f"output_dir={tmp_path / 'out'}", f"adapter={adapter}",
-        f"device={DEVICE}", "data.max_length=48", "data.max_eval_per_task=3", "train.batch_size=4", "train.max_steps=2",
-        "train.lr=5e-2", "eval.batch_size=4",
-        "meta.k=8", "meta.support_size=2", "meta.query_size=2", "meta.tasks_per_iter=2", "meta.iterations=2",
+        f"device={DEVICE}", "data.max_length=48", "data.max_eval_per_task=3", "eval.batch_size=4",
     ]
+    if method == "meta_lora":  # the keys MeTA-LoRA reads instead of train.{batch_size, max_steps, lr}
+        overrides += ["meta.k=8", "meta.support_size=2", "meta.query_size=2", "meta.tasks_per_iter=2",
+                      "meta.iterations=2", "meta.outer_lr=5e-2"]
+    else:
+        overrides += ["train.batch_size=4", "train.max_steps=2", "train.lr=5e-2"]
     return load_config(None, overrides)
 
 

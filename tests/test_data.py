@@ -161,12 +161,13 @@ def test_load_tasks_mixes_builtins_and_files(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     exs = load_tasks(["copa", str(path)], split="train", max_per_task=10)
     assert summarize(exs)["tasks"] == {"copa": 10, "mine": 10}
-    # user files are used whole, whichever split
-    assert len(load_tasks([str(path)], split="eval")) == 40
-    split = load_tasks([str(path)], split="eval", split_user_files=True)
-    assert 0 < len(split) < 40 and not {key(e) for e in split} & {
-        key(e) for e in load_tasks([str(path)], split="train", split_user_files=True)
-    }
+    # user files are split by the built-ins' hash (no eval row is a training row); "all" is the whole file
+    assert len(load_tasks([str(path)], split="all")) == 40
+    assert len(load_tasks([str(path)], split="eval", split_user_files=False)) == 40
+    split = load_tasks([str(path)], split="eval")
+    train = load_tasks([str(path)], split="train")
+    assert 0 < len(split) < 40 and len(split) + len(train) == 40
+    assert not {key(e) for e in split} & {key(e) for e in train}
 
 
 # ---------------------------------------------------------------------------------------- jsonl

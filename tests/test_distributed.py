@@ -184,6 +184,10 @@ def test_meta_lora_refuses_several_processes(tmp_path, tiny_model_dir):
     """MeTA-LoRA trains in one process: --num-processes must say so instead of racing two runs."""
     task = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "answer": "b"}])
     cfg = _write_config(tmp_path, "meta", tiny_model_dir, [task], "meta_lora", 2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"] = {}  # meta_lora has its own keys (meta.*); the config rejects the train keys it ignores
+    del raw["data"]["sampler"]
+    cfg.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "mtlora.cli", "train", str(cfg), "--num-processes", "2"],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

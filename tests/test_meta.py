@@ -214,20 +214,20 @@ def test_train_meta_end_to_end_saves_a_peft_loadable_adapter_and_resumes(tmp_pat
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in full["history"])
 
     # a run interrupted right after its iteration-2 checkpoint, then resumed, ends bit for bit the same
-    import mtlora.meta
+    import mtlora.train
 
-    original = mtlora.meta.save_checkpoint
+    original = mtlora.train.save_checkpoint
 
-    def save_then_crash(run, optimizer, scheduler, sampler, state, out):
-        original(run, optimizer, scheduler, sampler, state, out)
+    def save_then_crash(run, optimizer, scheduler, sampler, state, out, dist=None):
+        original(run, optimizer, scheduler, sampler, state, out, dist)
         if state.step == 2:
             raise KeyboardInterrupt
 
     cfg = load_config(None, [*overrides, f"output_dir={tmp_path / 'resumed'}"])
-    monkeypatch.setattr(mtlora.meta, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(mtlora.train, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train_meta(cfg, progress=False)
-    monkeypatch.setattr(mtlora.meta, "save_checkpoint", original)
+    monkeypatch.setattr(mtlora.train, "save_checkpoint", original)
     resumed = train_meta(cfg, resume=True, progress=False)
     assert resumed["steps"] == 4 and [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
 

@@ -114,14 +114,16 @@ def train_command(
         flags += [f"--{name}" for name, on in (("resume", resume), ("overwrite", overwrite)) if on]
         raise typer.Exit(relaunch_train(num_processes, [str(config), *(overrides or []), *flags]))
     _quiet_libraries()
-    if cfg.method == "meta_lora":
-        from mtlora.meta import train_meta
+    from mtlora.interrupts import Interrupted
+    from mtlora.train import train
 
-        summary = train_meta(cfg, resume=resume, overwrite=overwrite, progress=progress)
-    else:
-        from mtlora.train import train
-
+    try:
         summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    except Interrupted as exc:
+        if exc.checkpoint_step is not None:
+            command = " ".join(["mtlora", "train", str(config), *(overrides or []), "--resume"])
+            exc.message = f"{exc.message}; resume with: {command}"
+        raise
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch, rank 0 alone reports
     _print_eval(summary["evals"][-1] if summary.get("evals") else None)
@@ -161,10 +163,18 @@ def eval_command(
 
     if split not in ("eval", "train", "all"):
         raise UserError("--split", f"expected eval, train or all, got {split!r}")
+    for name, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens),
+                        ("--max-per-task", max_per_task)):
+        if value is not None and value < 1:
+            raise UserError(name, f"expected an integer >= 1, got {value}")
+    if output is not None:
+        _check_writable_file(output)
     examples = load_tasks(tasks, split, max_per_task)
     from mtlora.models import resolve_device, resolve_precision
 
     resolve_device(device), resolve_precision(precision)  # bad values fail before the model loads
+    if not examples:
+        raise UserError(" ".join(map(str, tasks)), f"no examples in the {split!r} split; try --split all")
     _quiet_libraries()
     task_names = None
     if adapter is not None:
@@ -179,15 +189,35 @@ def eval_command(
         from mtlora.models import load_model
 
         lm, tokenizer = load_model(model, device=device, precision=precision)
-    report = evaluate(lm, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      progress=progress, task_names=task_names)
+    from mtlora.evaluate import NonFiniteScoreError
+
+    try:
+        report = evaluate(lm, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          progress=progress, task_names=task_names)
+    except NonFiniteScoreError as exc:
+        raise UserError(adapter if adapter is not None else model, str(exc)) from None
     console.print(render_table(report))
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(report.to_json())
-        tmp.replace(output)
+        from mtlora.fileio import atomic_write_text
+
+        atomic_write_text(output, report.to_json())
         console.print(f"metrics: {output}")
+
+
+def _check_writable_file(path: Path) -> None:
+    """Fail before any work when an output file cannot be written (its folder is created now)."""
+    if path.is_dir():
+        raise UserError(path, "is a folder; expected a file path for the metrics JSON")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(path, f"cannot write here: {parent} is a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.tmp-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(path, f"cannot write here ({exc.strerror or exc})") from None
 
 
 @app.command("demo")
@@ -308,16 +338,26 @@ def export_command(
 
 
 def main() -> None:
-    """Console entry point: user errors -> one line + exit 2; bugs keep their traceback."""
+    """Console entry point. Exit codes: 0 done, 1 a bug (traceback) or a diverged run, 2 a user error
+    (one line), 130 / 143 interrupted by SIGINT / SIGTERM (one line naming the last checkpoint)."""
+    from mtlora.interrupts import Interrupted, raise_on_sigterm
+
+    raise_on_sigterm()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into Exit(130), which comes back as a return value
+            print("interrupted", file=sys.stderr)
+        sys.exit(code if isinstance(code, int) else 0)  # so does typer.Exit(n)
     except UserError as exc:
         print(f"error: {exc.format()}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     except SystemExit:
         raise
+    except Interrupted as exc:
+        print(f"{exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         import click
@@ -325,9 +365,10 @@ def main() -> None:
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(USER_ERROR_EXIT_CODE)
+        from mtlora.evaluate import NonFiniteScoreError
         from mtlora.train import TrainingDiverged
 
-        if isinstance(exc, TrainingDiverged):
+        if isinstance(exc, (TrainingDiverged, NonFiniteScoreError)):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         raise

@@ -28,15 +28,42 @@ METHODS = ("lora", "hydralora", "rlora", "mlora", "align_lora", "meta_lora")
 ADAPTER_TYPE_OF_METHOD = {"align_lora": "lora", "meta_lora": "lora"}
 
 
+def _at_least(obj: Any, section: str, **minimum: float) -> None:
+    """Range checks of a section's numeric keys (``None`` passes: it means "no limit" / "unset")."""
+    for name, low in minimum.items():
+        value = getattr(obj, name)
+        if value is not None and not value >= low:  # also rejects NaN
+            kind = "an integer" if isinstance(low, int) else "a number"
+            raise UserError(f"{section}.{name}", f"expected {kind} >= {low}, got {value!r}")
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not value > 0:  # also rejects NaN
+            hint = " (or null: none)" if name in _NULLABLE.get(section, ()) else ""
+            raise UserError(f"{section}.{name}", f"expected a positive number{hint}, got {value!r}")
+
+
+_NULLABLE = {"train": ("max_grad_norm",)}
+
+
 @dataclass
 class DataConfig:
     max_length: int = field(default=256, metadata={"help": "tokens per example (prompt cut from the left)"})
     max_train_per_task: int | None = field(default=None, metadata={"help": "cap on training examples per task"})
-    max_eval_per_task: int | None = field(default=200, metadata={"help": "cap on evaluation examples per task"})
+    max_eval_per_task: int | None = field(
+        default=200, metadata={"help": "cap on evaluation examples per task (0: no evaluation, null: all)"}
+    )
     sampler: Literal["proportional", "uniform", "task_balanced"] = field(
         default="proportional", metadata={"help": "how batches mix tasks"}
     )
     tasks_per_batch: int | None = field(default=None, metadata={"help": "k tasks per batch (task_balanced)"})
+
+    def __post_init__(self) -> None:
+        _at_least(self, "data", max_length=1, max_train_per_task=1, max_eval_per_task=0, tasks_per_batch=1)
+        if self.tasks_per_batch is not None and self.sampler != "task_balanced":
+            raise UserError("data.tasks_per_batch", f"applies to data.sampler=task_balanced only, not {self.sampler!r}")
 
 
 @dataclass
@@ -61,19 +88,20 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name}", "expected an integer >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError("train.max_steps", "expected an integer >= 1")
+        _at_least(self, "train", batch_size=1, grad_accum=1, max_steps=1, seed=0, log_every=1, eval_every=0,
+                  save_every=1, weight_decay=0.0)
+        _positive(self, "train", "lr", "epochs", "max_grad_norm")
         if not 0 <= self.warmup_ratio < 1:
-            raise UserError("train.warmup_ratio", "expected a number in [0, 1)")
+            raise UserError("train.warmup_ratio", f"expected a number in [0, 1), got {self.warmup_ratio!r}")
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
-    max_new_tokens: int = 16
+    batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
+    max_new_tokens: int = field(default=16, metadata={"help": "generation budget of open-answer tasks"})
+
+    def __post_init__(self) -> None:
+        _at_least(self, "eval", batch_size=1, max_new_tokens=1)
 
 
 @dataclass
@@ -151,7 +179,10 @@ class MetaConfig:
 class RunConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "alias or local Hugging Face folder"})
     method: str = field(default="lora", metadata={"help": f"one of {METHODS}"})
-    tasks: list[str] = field(default_factory=lambda: ["sst2", "boolq", "copa", "arc_easy"])
+    tasks: list[str | dict[str, str]] = field(
+        default_factory=lambda: ["sst2", "boolq", "copa", "arc_easy"],
+        metadata={"help": "built-in names, .jsonl files (hash-split into train/eval) or {name, train, eval} pairs"},
+    )
     output_dir: str = "runs/default"
     device: str = field(default="auto", metadata={"help": "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps"})
     precision: Literal["fp32", "bf16", "fp16"] = field(
@@ -171,7 +202,12 @@ class RunConfig:
             raise UserError("tasks", "expected at least one task")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device).strip().lower()):
             raise UserError("device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        from mtlora.data.tasks import check_task_source
+
+        for source in self.tasks:
+            check_task_source(source)
         self.adapter_config()  # validate now, not after the model has loaded
+        check_keys_apply(self)
 
     @property
     def adapter_type(self) -> str:
@@ -189,6 +225,63 @@ class RunConfig:
 
 
 _YAML_RENAMES = {("align", "lambda"): "lam"}
+
+# Keys a method does not read, and what replaces each: setting one is an error, never a silent no-op.
+NOT_READ_BY_METHOD: dict[str, dict[str, str]] = {
+    "meta_lora": {
+        "train.lr": "meta.outer_lr",
+        "train.batch_size": "meta.support_size and meta.query_size",
+        "train.grad_accum": "meta.tasks_per_iter",
+        "train.epochs": "meta.iterations",
+        "train.max_steps": "meta.iterations",
+        "train.gradient_checkpointing": "nothing yet (MeTA-LoRA runs without it)",
+        "data.sampler": "meta.tasks_per_iter (tasks are drawn per meta-iteration)",
+        "data.tasks_per_batch": "meta.tasks_per_iter",
+    },
+}
+# Sections read by one method only.
+SECTION_METHOD = {"align": "align_lora", "meta": "meta_lora"}
+# Keys read only under another key's value: (section, key) -> (key it depends on, that value, why).
+KEY_CONDITIONS = {
+    ("align", "mmd_bandwidths"): ("loss", "mmd", "applies to align.loss=mmd only"),
+    ("align", "mmd_relative"): ("loss", "mmd", "applies to align.loss=mmd only"),
+    ("align", "mmd_tokens_per_task"): ("loss", "mmd", "applies to align.loss=mmd only"),
+    ("train", "epochs"): ("max_steps", None, "is not read when train.max_steps is set (it overrides epochs); "
+                                           "set one of them"),
+}
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def changed_keys(section: Any) -> list[str]:
+    """Fields of a section dataclass whose value differs from the default."""
+    return [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != _default_of(f)]
+
+
+def _yaml_name(section: str, name: str) -> str:
+    return "lambda" if (section, name) == ("align", "lam") else name
+
+
+def check_keys_apply(config: RunConfig) -> None:
+    """Every key the user set must act in this run (see ``NOT_READ_BY_METHOD`` and friends)."""
+    for section, method in SECTION_METHOD.items():
+        if config.method != method:
+            changed = changed_keys(getattr(config, section))
+            if changed:
+                key = f"{section}.{_yaml_name(section, changed[0])}"
+                raise UserError(key, f"applies to method={method} only; this run is method={config.method}")
+    for dotted, replacement in NOT_READ_BY_METHOD.get(config.method, {}).items():
+        section, name = dotted.split(".")
+        if name in changed_keys(getattr(config, section)):
+            raise UserError(dotted, f"is not read by method={config.method}; use {replacement}")
+    for (section, name), (depends, value, why) in KEY_CONDITIONS.items():
+        obj = getattr(config, section)
+        if getattr(obj, depends) != value and name in changed_keys(obj):
+            raise UserError(f"{section}.{name}", why)
 
 
 def _line_of(text: str | None, key: str) -> int | None:
@@ -255,31 +348,53 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str, source: str, text: str | None):
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str, text: str | None,
+           overridden: frozenset[str] = frozenset()):
+    """Build a section dataclass; errors name the YAML file and line, or the command line for an override."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+
+    def where(dotted: str, key: str) -> tuple[str, int | None]:
+        if dotted in overridden:
+            return "<command line>", None
+        return source, _line_of(text, key)
+
     kwargs = {}
     for key, value in raw.items():
         name = _YAML_RENAMES.get((prefix.rstrip("."), key), key)
         dotted = f"{prefix}{key}"
         if name not in known:
-            yaml_names = sorted("lambda" if (prefix.rstrip("."), n) == ("align", "lam") else n for n in known)
-            raise UserError(source, f"unknown key {dotted!r}; expected one of {yaml_names}", line=_line_of(text, key))
+            yaml_names = sorted(_yaml_name(prefix.rstrip("."), n) for n in known)
+            src, line = where(dotted, key)
+            raise UserError(src, f"unknown key {dotted!r}; expected one of {yaml_names}", line=line)
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
-                raise UserError(source, f"{dotted}: expected a mapping", line=_line_of(text, key))
-            kwargs[name] = _build(annotation, value, f"{dotted}.", source, text)
+                src, line = where(dotted, key)
+                raise UserError(src, f"{dotted}: expected a mapping", line=line)
+            kwargs[name] = _build(annotation, value, f"{dotted}.", source, text, overridden)
         else:
             try:
                 kwargs[name] = _coerce(value, annotation, dotted)
             except UserError as exc:
-                raise UserError(source, f"{dotted}: {exc.message}", line=_line_of(text, key)) from None
+                src, line = where(dotted, key)
+                raise UserError(src, f"{dotted}: {exc.message}", line=line) from None
     try:
         return cls(**kwargs)
     except UserError as exc:
-        line = _line_of(text, exc.where.rsplit(".", 1)[-1]) if exc.where else None
-        raise UserError(source, f"{exc.where}: {exc.message}" if exc.where else exc.message, line=line) from None
+        if not exc.where:
+            raise UserError(source, exc.message) from None
+        src, line = where(exc.where, exc.where.rsplit(".", 1)[-1])
+        raise UserError(src, f"{exc.where}: {exc.message}", line=line) from None
+
+
+def _flatten(nested: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in nested.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _flatten(value, f"{prefix}{key}.")
+    return keys
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -290,10 +405,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise UserError(item, "expected an override of the form key=value (e.g. train.lr=1e-4)")
         key, _, value = item.partition("=")
         parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError("<command line>", f"{item}: expected a dotted key such as train.lr")
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            if not isinstance(node, dict):
+                raise UserError("<command line>", f"{item}: {part} is set to a value and used as a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or "cannot parse"
+            raise UserError("<command line>", f"{item}: invalid value ({problem})") from None
     return nested
 
 
@@ -323,13 +446,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            raise UserError(path, "invalid YAML", line=mark.line + 1 if mark else None) from None
+            problem = getattr(exc, "problem", None) or "cannot parse"
+            column = f" at column {mark.column + 1}" if mark else ""
+            raise UserError(path, f"invalid YAML: {problem}{column}", line=mark.line + 1 if mark else None) from None
         if not isinstance(raw, dict):
             raise UserError(path, "expected a mapping of config keys at the top level")
+    overridden: frozenset[str] = frozenset()
     if overrides:
-        raw = deep_merge(raw, parse_overrides(overrides))
-    return _build(RunConfig, raw, "", source, text)
+        extra = parse_overrides(overrides)
+        overridden = frozenset(_flatten(extra))
+        raw = deep_merge(raw, extra)
+    return _build(RunConfig, raw, "", source, text, overridden)
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from mtlora.fileio import atomic_write_text
+
+    atomic_write_text(path, config_yaml(config))
+
+
+def config_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def flat_items(config: RunConfig) -> dict[str, Any]:
+    """``{"train.lr": 2e-4, "adapter.r": 8, ...}``: every key of a config, dotted."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(config.to_dict(), "")
+    return out
+
+
+def config_differences(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every key that differs (adapter keys compared as
+    validated, so an omitted default equals the default written out)."""
+    a, b = flat_items(old), flat_items(new)
+    diffs = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not k.startswith("adapter.") and a.get(k) != b.get(k)]
+    ad_a, ad_b = old.adapter_config().to_dict(), new.adapter_config().to_dict()
+    diffs += [(f"adapter.{k}", ad_a.get(k), ad_b.get(k)) for k in sorted(set(ad_a) | set(ad_b)) if ad_a.get(k) != ad_b.get(k)]
+    return diffs

@@ -7,14 +7,15 @@ freshly injected (still zero) adapter switched off, so only one model is ever lo
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from mtlora import rundir
 from mtlora.adapters import set_adapters_enabled
 from mtlora.config import load_config
-from mtlora.train import ADAPTER_DIR, evaluate_run, prepare_output_dir, prepare_run, train
+from mtlora.fileio import atomic_write_json, atomic_write_with
+from mtlora.train import ADAPTER_DIR, evaluate_run, prepare_run, train
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -40,22 +41,20 @@ def plot_accuracy(base: dict[str, Any], tuned: dict[str, Any], path: Path, title
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run_demo(output_dir: Path, overrides: list[str], overwrite: bool = True, progress: bool = True) -> dict:
     config = load_config(DEMO_CONFIG, [f"output_dir={output_dir}", *overrides])
     out = Path(config.output_dir)
-    prepare_output_dir(out, resume=False, overwrite=overwrite)
+    rundir.check(out, resume=False, overwrite=overwrite)  # fail before the model loads; train() writes
     start = time.perf_counter()
     run = prepare_run(config)
     set_adapters_enabled(run.model, False)
     base = evaluate_run(run, step=0, progress=progress)
     set_adapters_enabled(run.model, True)
-    summary = train(config, overwrite=True, progress=progress, run=run)
+    summary = train(config, overwrite=overwrite, progress=progress, run=run)
     tuned = summary["evals"][-1]
     paths = {
         "results": str(out / "demo_results.json"),
@@ -73,7 +72,5 @@ def run_demo(output_dir: Path, overrides: list[str], overwrite: bool = True, pro
         "trainable_parameters": summary["trainable_parameters"],
         "paths": paths,
     }
-    tmp = out / ".demo_results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out / "demo_results.json")
+    atomic_write_json(out / "demo_results.json", result)
     return result

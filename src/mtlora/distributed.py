@@ -85,6 +85,7 @@ class Dist:
     stats_group: Any = None
     wrapped: Any = None  # the DDP/FSDP/DeepSpeed-wrapped ObjectiveModule, once wrap() ran
     local_device: torch.device | None = None  # one process: the config's device (batches go there)
+    scaler: Any = None  # the trainer's torch.amp.GradScaler (enabled for fp16 only)
     _weight: float = 1.0
 
     @property
@@ -199,7 +200,10 @@ class Dist:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``; through Accelerate when distributed (DeepSpeed's engine needs that)."""
+        """``loss.backward()``; through Accelerate when distributed (DeepSpeed's engine needs that).
+        With fp16, ``scaler`` (the trainer's ``GradScaler``) scales the loss first."""
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
         if self.accelerator is None:
             loss.backward()
         else:

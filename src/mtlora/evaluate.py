@@ -364,9 +364,13 @@ def _task_id_map(examples: Sequence[Example], task_names: Sequence[str] | None) 
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from mtlora.progress import bar
 
-    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+    return bar(total, enabled=enabled, description=desc, transient=True)
+
+
+class NonFiniteScoreError(RuntimeError):
+    """The model gave a NaN/inf log-likelihood: its weights are broken, and no accuracy is meaningful."""
 
 
 def _score_mc(
@@ -630,6 +634,10 @@ def evaluate(
             for i, ll in zip(mc_idx, lls, strict=True):
                 ex = examples[i]
                 assert ex.choices is not None
+                if not all(math.isfinite(v) for v in ll):
+                    raise NonFiniteScoreError(
+                        f"non-finite log-likelihood {ll} on task {ex.task!r} (example {i}); the model's or the "
+                        "adapter's weights are broken, so no accuracy is reported")
                 normed = [v / max(len(c), 1) for v, c in zip(ll, ex.choices, strict=True)]
                 pred, pred_norm = _argmax(ll), _argmax(normed)
                 predictions[i] = {

@@ -13,13 +13,12 @@
 
 Both write a model card (``README.md``: base model, method, tasks, the run's metrics, the commands)
 and ``mtlora_export.json``, the marker that lets ``--overwrite`` replace an earlier export and
-nothing else. The folder is written atomically (temporary folder + rename).
+nothing else. The folder is written atomically (temporary folder + rename, the umask's modes).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from mtlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, read_adapter_config
 from mtlora.errors import UserError
+from mtlora.models import HUB_NAMES
 
 MARKER = "mtlora_export.json"
-# Hub ids of the built-in aliases (mtlora.models converts them from a packaged GGUF).
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -43,8 +41,8 @@ def portable_base_name(base: str | None, override: str | None = None) -> str | N
         return override
     if base is None:
         return None
-    if base in HUB_IDS:
-        return HUB_IDS[base]
+    if base in HUB_NAMES:
+        return HUB_NAMES[base]
     path = Path(base).expanduser()
     if path.is_absolute() or path.exists() or base.startswith((".", "~")):
         return path.name
@@ -204,9 +202,3 @@ def _write_common(tmp: Path, card: str, marker: dict[str, Any], config_file: Pat
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if config_file is not None:
         shutil.copyfile(config_file, tmp / "training_config.yaml")
-    # an export is meant to be shared: the umask's permissions, not the private temporary folder's
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for path in tmp.iterdir():
-        os.chmod(path, 0o666 & ~umask)

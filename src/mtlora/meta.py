@@ -36,12 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,24 +47,12 @@ from torch import nn
 
 from mtlora.adapters import trainable_parameters
 from mtlora.adapters.inject import adapter_layers
-from mtlora.config import MetaConfig, RunConfig, save_config
+from mtlora.config import MetaConfig, RunConfig
 from mtlora.data.collate import TaskCollator
 from mtlora.data.example import Example
 from mtlora.errors import UserError
-from mtlora.models import resolve_device
 from mtlora.objectives.lm import IGNORE_INDEX, supervised_hidden, supervised_lm_loss
-from mtlora.train import (
-    CHECKPOINT_DIR,
-    TrainingDiverged,
-    TrainState,
-    evaluate_run,
-    finish_run,
-    load_checkpoint,
-    make_optimizer,
-    prepare_output_dir,
-    prepare_run,
-    save_checkpoint,
-)
+from mtlora.train import TrainingDiverged
 
 Stacked = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -320,76 +305,52 @@ def _reference_meta_gradients(model, episodes, meta: MetaConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------- train
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+class MetaSteps:
+    """MeTA-LoRA's procedure for ``mtlora.train.train``'s loop: one meta-iteration per optimiser step.
 
-
-def meta_optimizer_config(config: RunConfig) -> RunConfig:
-    """The run config with ``train.lr`` set to the outer lr beta, so the trainer's AdamW + cosine is reused."""
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, lr=config.meta.outer_lr))
-
-
-def train_meta(
-    config: RunConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    run=None,
-) -> dict[str, Any]:
-    """Meta-train the config's shared LoRA; returns a summary like ``mtlora.train.train``'s.
-
-    Uses ``meta.*`` for the procedure and ``train.{seed, weight_decay, warmup_ratio, max_grad_norm,
-    eval_every, save_every}``; ``train.{lr, batch_size, epochs, max_steps, grad_accum}`` do not apply
-    (beta, support/query sizes and ``meta.iterations`` replace them).
+    The loop does the rest (AdamW with lr beta on theta, clipping, schedule, checkpoints, resume,
+    logging). It reads ``meta.*``, and ``train.{seed, weight_decay, warmup_ratio, max_grad_norm,
+    log_every, eval_every, save_every}``; the train keys it has no use for are rejected by the config.
     """
-    meta, tcfg = config.meta, config.train
-    if config.precision == "fp16":  # its inner SGD step on raw autograd.grad has no loss scale
-        raise UserError("precision", "meta_lora trains in fp32 or bf16; fp16 needs a loss scaler its inner step lacks")
-    device = resolve_device(config.device)
-    out = Path(config.output_dir)
-    prepare_output_dir(out, resume, overwrite)
-    run = run or prepare_run(config)
-    model = run.model
-    save_config(config, out / "config.yaml")
-    sampler = MetaSampler(kshot_pools(run.train_examples, meta), meta, seed=tcfg.seed)
-    optimizer, scheduler = make_optimizer(model, meta_optimizer_config(config), meta.iterations)
-    state = load_checkpoint(run, optimizer, scheduler, sampler, out) if resume else TrainState()
-    theta = [p for _, p in trainable_parameters(model)]
-    model.train()
 
-    from mtlora.progress import step_progress
+    description = "meta"
 
-    start = time.perf_counter()
-    with step_progress(meta.iterations, enabled=progress, initial=state.step, description="meta") as bar:
-        while state.step < meta.iterations:
-            episodes = sampler.sample()
-            support = _to(collate_slots(run.collator, [s for s, _ in episodes]), device)
-            query = _to(collate_slots(run.collator, [q for _, q in episodes]), device)
-            optimizer.zero_grad(set_to_none=True)
-            stats = meta_gradients(model, support, query, meta)
-            if not torch.isfinite(stats["meta_loss"]):
-                raise TrainingDiverged(
-                    f"meta loss is {stats['meta_loss'].item()} at iteration {state.step + 1}; stopped before the "
-                    f"optimiser step. The last good checkpoint is in {out / CHECKPOINT_DIR}"
-                )
-            logs = {
-                "loss": float(stats["meta_loss"]),
-                "support_loss": float(stats["support_losses"].mean()),
-                "query_loss": float(stats["query_losses"].mean()),
-            }
-            if tcfg.max_grad_norm:
-                logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(theta, tcfg.max_grad_norm))
-            logs["lr"] = scheduler.get_last_lr()[0]
-            optimizer.step()  # on theta, the shared LoRA
-            scheduler.step()
-            state.step += 1
-            state.history.append({"step": state.step, **logs})
-            bar.update(loss=logs["loss"])
-            if tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < meta.iterations:
-                state.evals.append(evaluate_run(run, state.step, progress=False))
-                model.train()
-            if state.step % tcfg.save_every == 0 or state.step == meta.iterations:
-                save_checkpoint(run, optimizer, scheduler, sampler, state, out)
+    def __init__(self, run, dist):
+        if dist.world_size > 1:
+            raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
+        if run.config.precision == "fp16":  # its inner SGD step on raw autograd.grad has no loss scale
+            raise UserError("precision", "meta_lora trains in fp32 or bf16; fp16 needs a loss scaler its inner step lacks")
+        self.run, self.meta, self.dist = run, run.config.meta, dist
+        self.sampler = MetaSampler(kshot_pools(run.train_examples, self.meta), self.meta, seed=run.config.train.seed)
+        self.total = self.meta.iterations
+        self.lr = self.meta.outer_lr
 
-    return finish_run(run, state, out, time.perf_counter() - start, progress=progress)
+    def bind(self, optimizer):
+        return optimizer
+
+    def gradients(self, step: int) -> dict[str, float]:
+        episodes = self.sampler.sample()
+        support = self.dist.to_device(collate_slots(self.run.collator, [s for s, _ in episodes]))
+        query = self.dist.to_device(collate_slots(self.run.collator, [q for _, q in episodes]))
+        stats = meta_gradients(self.run.model, support, query, self.meta)
+        if not torch.isfinite(stats["meta_loss"]):
+            raise TrainingDiverged(f"meta loss is {stats['meta_loss'].item()} at iteration {step}")
+        tokens = float(support["attention_mask"].sum() * self.meta.inner_steps + query["attention_mask"].sum())
+        return {
+            "loss": float(stats["meta_loss"]),
+            "support_loss": float(stats["support_losses"].mean()),
+            "query_loss": float(stats["query_losses"].mean()),
+            "tokens": tokens,
+        }
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+
+def train_meta(config: RunConfig, **kwargs) -> dict[str, Any]:
+    """``mtlora.train.train`` for a ``method: meta_lora`` config (kept for callers that name it)."""
+    from mtlora.train import train
+
+    if config.method != "meta_lora":
+        raise UserError("method", f"train_meta runs method=meta_lora, not {config.method!r}")
+    return train(config, **kwargs)

@@ -29,6 +29,17 @@ _GGUF_ALIASES = {
 }
 
 
+# The hub model each alias is a copy of: what an adapter's ``base_model_name_or_path`` names, so PEFT
+# (``AutoPeftModelForCausalLM``) finds the base on any machine. The embedded copy is dequantised from
+# a 4-bit GGUF, so its weights differ slightly from the hub's fp weights.
+HUB_NAMES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_name(name_or_path: str | Path) -> str:
+    """The name of a base model that means the same thing on another machine (a hub id for an alias)."""
+    return HUB_NAMES.get(str(name_or_path), str(name_or_path))
+
+
 def cache_dir() -> Path:
     """Where converted base models live; ``MTLORA_CACHE`` moves it."""
     return Path(os.environ.get("MTLORA_CACHE", Path.home() / ".cache" / "mtlora"))

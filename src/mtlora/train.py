@@ -21,10 +21,9 @@ run before the optimiser step, keeping the last good checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtlora import rundir
 from mtlora.adapters import (
     count_parameters,
     inject_adapters,
@@ -43,7 +43,7 @@ from mtlora.adapters import (
     save_adapter,
     trainable_parameters,
 )
-from mtlora.adapters.io import atomic_write_dir, load_adapter_weights, read_adapter_config
+from mtlora.adapters.io import load_adapter_weights, read_adapter_config
 from mtlora.config import RunConfig, save_config
 from mtlora.data.collate import TaskCollator
 from mtlora.data.example import Example
@@ -52,12 +52,13 @@ from mtlora.data.tasks import load_tasks
 from mtlora.distributed import Dist, seed_rank
 from mtlora.distributed import setup as setup_distributed
 from mtlora.errors import UserError
-from mtlora.models import load_model, resolve_device
+from mtlora.fileio import atomic_write_dir, atomic_write_json
+from mtlora.interrupts import Interrupted, graceful_stop
+from mtlora.models import load_model, portable_name, resolve_device
 from mtlora.objectives import supervised_lm_loss
+from mtlora.progress import StepLog, truncate_metrics
 
-CHECKPOINT_DIR = "checkpoint"
-ADAPTER_DIR = "adapter"
-STATE_FILE = "trainer_state.pt"
+CHECKPOINT_DIR, ADAPTER_DIR, STATE_FILE = rundir.CHECKPOINT_DIR, rundir.ADAPTER_DIR, rundir.STATE_FILE
 
 Objective = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -142,6 +143,11 @@ def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     if not train_examples:
         raise UserError("tasks", "no training examples (check the task names and caps)")
     task_names = sorted({ex.task for ex in train_examples} | {ex.task for ex in eval_examples})
+    if config.data.max_eval_per_task != 0:
+        unevaluated = sorted({ex.task for ex in train_examples} - {ex.task for ex in eval_examples})
+        if unevaluated and rank == 0:
+            print(f"warning: no held-out eval rows for task(s) {', '.join(unevaluated)} (too few distinct "
+                  "examples for the hash split); give a {name, train, eval} pair to evaluate them", file=sys.stderr)
     # several processes: load on the CPU, Accelerate places each rank's replica on its own device
     model, tokenizer = load_model(config.model, device="cpu" if world_size > 1 else config.device,
                                   precision=config.precision)
@@ -198,21 +204,6 @@ def micro_batches(run: Run, sampler: MultiTaskBatchSampler) -> Iterator[dict[str
             yield run.collator([run.train_examples[i] for i in indices])
 
 
-def prepare_output_dir(path: Path, resume: bool, overwrite: bool, *, create: bool = True) -> None:
-    """Check the output folder (and, with ``create``, empty/create it: rank 0 only, the others check)."""
-    if resume:
-        if not (path / CHECKPOINT_DIR / STATE_FILE).is_file():
-            raise UserError(path, "nothing to resume: no checkpoint in this output folder")
-        return
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise UserError(path, "output folder exists and is not empty; pass --overwrite or --resume")
-        if create:
-            shutil.rmtree(path)
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-
-
 def _rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
@@ -230,7 +221,6 @@ def save_checkpoint(
     state: TrainState,
     out: Path,
     dist: Dist | None = None,
-    scaler=None,
 ) -> None:
     """Write the checkpoint atomically. Distributed: every rank must call it (their RNG states are
     gathered); rank 0 alone writes. Optimiser and adapter are replicas, so rank 0's are everyone's."""
@@ -247,13 +237,13 @@ def save_checkpoint(
     }
     if dist.world_size > 1:
         trainer_state["rng_per_rank"] = rng_per_rank
-    if scaler is not None and scaler.is_enabled():  # fp16: the loss scale resumes where it was
-        trainer_state["scaler"] = scaler.state_dict()
+    if dist.scaler is not None and dist.scaler.is_enabled():  # fp16: the loss scale resumes where it was
+        trainer_state["scaler"] = dist.scaler.state_dict()
     if not dist.is_main and not dist.sharded:
         return
 
     def write(tmp: Path) -> None:
-        save_adapter(run.model, tmp / ADAPTER_DIR, extra=adapter_extra(run))
+        save_adapter(run.model, tmp / ADAPTER_DIR, extra=adapter_extra(run), base_model_name=portable_name(run.config.model))
         torch.save(trainer_state, tmp / STATE_FILE)
 
     with dist.full_params(run.model):
@@ -262,19 +252,31 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path, dist: Dist | None = None,
-    scaler=None,
+    run: Run, optimizer, scheduler, sampler: MultiTaskBatchSampler, out: Path, dist: Dist | None = None
 ) -> TrainState:
     """Restore a checkpoint (every rank loads it). A rank restores its own RNG state when the world
     size is the one that saved it, else rank 0's (dropout masks then differ from the first run)."""
     dist = dist or Dist()
     ckpt = out / CHECKPOINT_DIR
-    saved = torch.load(ckpt / STATE_FILE, weights_only=False, map_location="cpu")  # any device resumes it
+    state_file = ckpt / STATE_FILE
+    hint = "the checkpoint cannot be resumed; start the run again with --overwrite"
+    try:
+        saved = torch.load(state_file, weights_only=False, map_location="cpu")  # any device resumes it
+    except Exception as exc:  # truncated, corrupt, or not a torch file: unpickling raises many types
+        raise UserError(state_file, f"unreadable ({type(exc).__name__}: {str(exc)[:80]}); {hint}") from None
+    needed = ("step", "optimizer", "scheduler", "sampler", "rng", "history", "evals")
+    if not isinstance(saved, dict) or any(k not in saved for k in needed):
+        raise UserError(state_file, f"not a trainer state of this tool (expected keys {list(needed)}); {hint}")
+    if not (ckpt / ADAPTER_DIR).is_dir():
+        raise UserError(ckpt / ADAPTER_DIR, f"missing; {hint}")
     load_adapter_weights(run.model, ckpt / ADAPTER_DIR)
-    optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
-    scheduler.load_state_dict(saved["scheduler"])
-    if scaler is not None and "scaler" in saved:
-        scaler.load_state_dict(saved["scaler"])
+    try:
+        optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
+        scheduler.load_state_dict(saved["scheduler"])
+        if dist.scaler is not None and "scaler" in saved:
+            dist.scaler.load_state_dict(saved["scaler"])
+    except (ValueError, KeyError) as exc:
+        raise UserError(state_file, f"optimiser state does not fit this run's adapter ({exc}); {hint}") from None
     try:
         sampler.load_state_dict(saved["sampler"])
     except ValueError as exc:
@@ -311,20 +313,14 @@ def evaluate_run(run: Run, step: int, progress: bool) -> dict[str, Any]:
     return {"step": step, **report.to_dict()}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    tmp.replace(path)
-
-
-def make_optimizer(model: nn.Module, config: RunConfig, steps: int):
+def make_optimizer(model: nn.Module, config: RunConfig, steps: int, lr: float | None = None):
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for _, p in trainable_parameters(model)]
     # the fused kernel: one pass per tensor instead of ~10 elementwise ops (8 ms vs 32 ms per
     # SmolLM2 LoRA step on one CPU thread; same update up to rounding, deterministic)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr if lr is None else lr, weight_decay=config.train.weight_decay, fused=fused)
     warmup = math.ceil(config.train.warmup_ratio * steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
     return optimizer, scheduler
@@ -341,7 +337,7 @@ def finish_run(
     model.eval()
     with dist.full_params(model) if dist is not None else nullcontext():
         if is_main:
-            save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run))
+            save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run), base_model_name=portable_name(run.config.model))
     if is_main and run.eval_examples:
         state.evals.append(evaluate_run(run, state.step, progress=progress))
     trainable, total = count_parameters(model)
@@ -357,8 +353,95 @@ def finish_run(
         "evals": state.evals,
     }
     if is_main:
-        _write_json(out / "results.json", summary)
+        atomic_write_json(out / rundir.RESULTS_FILE, summary)
     return summary
+
+
+class GradientSteps:
+    """The plain procedure: ``grad_accum`` micro-batches -> objective -> backward, per optimiser step.
+
+    A procedure gives the loop its sampler (checkpointed), its step count and learning rate, and
+    ``gradients()``, which leaves the step's gradients on the trainable parameters and returns its logs.
+    MeTA-LoRA's meta-iteration (``mtlora.meta.MetaSteps``) is the other procedure.
+    """
+
+    description = "train"
+
+    def __init__(self, run: Run, dist: Dist):
+        self.run, self.dist, config = run, dist, run.config
+        self.sampler = run.sampler()
+        self.total = total_steps(config, len(self.sampler))
+        self.lr = config.train.lr
+        if dist.world_size == 1:
+            self.objective = build_objective(config)
+        else:  # Align-LoRA: one statistics shape on every rank, all-reduced before its loss is formed
+            self.objective = build_objective(config, num_tasks=len(run.task_names), reduce_fn=dist.reduce_task_stats)
+        if config.train.gradient_checkpointing:
+            run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def bind(self, optimizer):
+        self.step_fn, optimizer = self.dist.wrap(self.run.model, self.objective, optimizer)
+        self.stream = micro_batches(self.run, self.sampler)
+        return optimizer
+
+    def gradients(self, step: int) -> dict[str, float]:
+        dist, accum = self.dist, self.run.config.train.grad_accum
+        logs: dict[str, float] = {}
+        tokens = 0.0
+        for micro in range(accum):
+            batch = dist.to_device(next(self.stream))
+            tokens += float(batch["attention_mask"].sum())
+            weight = dist.token_weight(batch)  # 1.0 alone; this rank's token share under DDP
+            with dist.no_sync(self.step_fn, sync=micro == accum - 1):
+                loss, parts = self.step_fn(batch)
+                if not dist.all_finite(loss):
+                    raise TrainingDiverged(f"loss is {loss.item()} at step {step}")
+                dist.backward(loss * weight / accum)
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                logs[key] = logs.get(key, 0.0) + float(value) * weight / accum
+        logs = dist.reduce_logs(logs)
+        logs["tokens"] = float(dist.all_sum(torch.tensor([tokens]))[0])
+        return logs
+
+    def extra(self) -> dict[str, Any]:
+        if hasattr(self.objective, "skipped"):  # Align-LoRA: batches with fewer than 2 tasks
+            return {"align_skipped_batches": self.objective.skipped}
+        return {}
+
+
+def procedure_for(config: RunConfig):
+    if config.method == "meta_lora":
+        from mtlora.meta import MetaSteps
+
+        return MetaSteps
+    return GradientSteps
+
+
+# Keys that may change on --resume: they do not alter the training trajectory (max_steps and
+# meta.iterations extend it; the cosine schedule is recomputed for the new total; a moved run
+# folder resumes where it now is).
+RESUME_MAY_CHANGE = ("output_dir", "train.max_steps", "meta.iterations", "train.log_every", "train.save_every",
+                     "train.eval_every", "eval.batch_size")
+
+
+def check_resume_config(out: Path, config: RunConfig) -> list[str]:
+    """On resume the saved ``config.yaml`` is the truth: any other difference is a ``UserError``."""
+    from mtlora.config import config_differences, load_config
+
+    saved_path = out / rundir.CONFIG_FILE
+    if not saved_path.is_file():
+        raise UserError(saved_path, "missing: cannot check that the resumed run has the config it started with")
+    saved = load_config(saved_path)
+    diffs = config_differences(saved, config)
+    refused = [d for d in diffs if d[0] not in RESUME_MAY_CHANGE or (
+        d[0] in ("train.max_steps", "meta.iterations") and (d[2] is None or (d[1] is not None and d[2] < d[1])))]
+    if refused:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in refused[:4])
+        more = f" (+{len(refused) - 4} more)" if len(refused) > 4 else ""
+        raise UserError(out, f"cannot resume with a changed config: {listed}{more}; resume takes the saved "
+                             f"{rundir.CONFIG_FILE} and allows only {', '.join(RESUME_MAY_CHANGE)} to change "
+                             "(steps upward only)")
+    return [d[0] for d in diffs]
 
 
 def train(
@@ -371,86 +454,97 @@ def train(
 ) -> dict[str, Any]:
     """Train the config's adapter; returns a summary (final adapter path, history, last eval).
 
-    Under ``accelerate launch`` every process calls this; rank 0 writes, logs and evaluates.
+    Nothing is written until the config, the data, the model and (on resume) the checkpoint have been
+    checked. Under ``accelerate launch`` every process calls this; rank 0 writes, logs and evaluates.
+    A SIGINT/SIGTERM ends the current step, writes a checkpoint and raises ``Interrupted``.
     """
     device = resolve_device(config.device)  # a device this machine lacks: one line, before any output
     dist = setup_distributed()
     if dist.world_size == 1:
         dist.local_device = device
-    out = Path(config.output_dir)
-    prepare_output_dir(out, resume, overwrite, create=False)  # every rank checks, before any wait
-    if dist.is_main:
-        prepare_output_dir(out, resume, overwrite)
-    dist.barrier()
-    run = run or prepare_run(config, dist.world_size, dist.rank)
-    model, tcfg = run.model, config.train
-    if dist.is_main:
-        save_config(config, out / "config.yaml")
-    if tcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sampler = run.sampler()
-    steps = total_steps(config, len(sampler))
-    optimizer, scheduler = make_optimizer(model, config, steps)
-    if dist.world_size == 1:
-        objective = build_objective(config)
-    else:  # Align-LoRA: one statistics shape on every rank, all-reduced before its loss is formed
-        objective = build_objective(config, num_tasks=len(run.task_names), reduce_fn=dist.reduce_task_stats)
-    if resume and dist.sharded:
-        raise UserError("--resume", "resuming FSDP/DeepSpeed runs is not supported yet (their optimiser "
-                        "state is sharded); resume under DDP or one process")
     # fp16 needs a loss scale (its range underflows small gradients); bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    state = load_checkpoint(run, optimizer, scheduler, sampler, out, dist, scaler) if resume else TrainState()
-    step_fn, optimizer = dist.wrap(model, objective, optimizer)
-    stream = micro_batches(run, sampler)
+    dist.scaler = scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    out = Path(config.output_dir)
+    plan = rundir.check(out, resume=resume, overwrite=overwrite)  # every rank checks, before any wait
+    if resume:
+        if dist.sharded:
+            raise UserError("--resume", "resuming FSDP/DeepSpeed runs is not supported yet (their optimiser "
+                            "state is sharded); resume under DDP or one process")
+        changed = check_resume_config(out, config)
+    if dist.is_main:
+        rundir.claim(plan)
+    dist.barrier()
+    started = False
+    try:
+        run = run or prepare_run(config, dist.world_size, dist.rank)
+        procedure = procedure_for(config)(run, dist)
+        optimizer, scheduler = make_optimizer(run.model, config, procedure.total, lr=procedure.lr)
+        state = TrainState()
+        if resume:
+            state = load_checkpoint(run, optimizer, scheduler, procedure.sampler, out, dist)
+            if state.step > procedure.total:
+                raise UserError(out, f"the checkpoint is at step {state.step}, past the {procedure.total} steps "
+                                     "this config asks for")
+        optimizer = procedure.bind(optimizer)
+        if dist.is_main:
+            if resume:
+                if changed:
+                    save_config(config, out / rundir.CONFIG_FILE)
+                truncate_metrics(out / rundir.METRICS_FILE, state.step)
+            else:
+                rundir.start(plan, lambda path: save_config(config, path))
+        started = True
+    finally:
+        if not started and dist.is_main:
+            rundir.release(plan)
+    model, tcfg, steps = run.model, config.train, procedure.total
+    theta = [p for _, p in trainable_parameters(model)]
+    log = StepLog(steps, state.step, tcfg.log_every, show_bar=progress and dist.is_main, show_lines=dist.is_main,
+                  metrics_path=out / rundir.METRICS_FILE if dist.is_main else None,
+                  description=procedure.description)
     model.train()
-
-    from mtlora.progress import step_progress
-
     start = time.perf_counter()
-    with step_progress(steps, enabled=progress and dist.is_main, initial=state.step) as bar:
-        while state.step < steps:
-            step_start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            logs: dict[str, float] = {}
-            for micro in range(tcfg.grad_accum):
-                batch = dist.to_device(next(stream))
-                weight = dist.token_weight(batch)  # 1.0 alone; this rank's token share under DDP
-                with dist.no_sync(step_fn, sync=micro == tcfg.grad_accum - 1):
-                    loss, parts = step_fn(batch)
-                    if not dist.all_finite(loss):
-                        raise TrainingDiverged(
-                            f"loss is {loss.item()} at step {state.step + 1}; stopped before the optimiser "
-                            f"step. The last good checkpoint is in {out / CHECKPOINT_DIR}"
-                        )
-                    dist.backward(scaler.scale(loss * weight / tcfg.grad_accum))
-                for key, value in {"loss": loss.detach(), **parts}.items():
-                    logs[key] = logs.get(key, 0.0) + float(value) * weight / tcfg.grad_accum
-            logs = dist.reduce_logs(logs)
-            scaler.unscale_(optimizer)  # no-op but for fp16: clip and log the true gradient
-            if tcfg.max_grad_norm:
-                norm = dist.clip_grad_norm_([p for _, p in trainable_parameters(model)], tcfg.max_grad_norm)
-                if norm is not None:
-                    logs["grad_norm"] = norm
-            logs["lr"] = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed (the scale then shrinks)
-            scaler.update()
-            scheduler.step()
-            state.step += 1
-            logs["step_seconds"] = time.perf_counter() - step_start
-            state.history.append({"step": state.step, **logs})
-            bar.update(loss=logs["loss"])
-            if tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < steps:
-                if dist.is_main:  # the other ranks wait at their next collective
-                    state.evals.append(evaluate_run(run, state.step, progress=False))
-                model.train()
-            if state.step % tcfg.save_every == 0 or state.step == steps:
-                save_checkpoint(run, optimizer, scheduler, sampler, state, out, dist, scaler)
+    try:
+        with graceful_stop() as stop:
+            while state.step < steps:
+                step_start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    logs = procedure.gradients(state.step + 1)
+                except TrainingDiverged as exc:
+                    raise TrainingDiverged(f"{exc}; stopped before the optimiser step. The last good checkpoint "
+                                           f"is in {out / rundir.CHECKPOINT_DIR}") from None
+                scaler.unscale_(optimizer)  # no-op but for fp16: clip and log the true gradient
+                if tcfg.max_grad_norm is not None:
+                    norm = dist.clip_grad_norm_(theta, tcfg.max_grad_norm)
+                    if norm is not None:
+                        logs["grad_norm"] = norm
+                logs["lr"] = scheduler.get_last_lr()[0]
+                scaler.step(optimizer)  # on theta: the adapter (MeTA-LoRA: the shared LoRA, not the theta_i);
+                scaler.update()  # fp16: a step whose gradients overflowed is skipped and the scale shrinks
+                scheduler.step()
+                state.step += 1
+                logs["step_seconds"] = time.perf_counter() - step_start
+                state.history.append({"step": state.step, **logs})
+                log.step(state.step, logs)
+                if tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < steps:
+                    if dist.is_main:  # the other ranks wait at their next collective
+                        state.evals.append(evaluate_run(run, state.step, progress=False))
+                        log.append({"step": state.step, "eval": state.evals[-1]["macro"]})
+                    model.train()
+                stopping = dist.world_size > 1 and float(dist.all_sum(torch.tensor([1.0 if stop else 0.0]))[0]) > 0
+                stopping = stopping or (dist.world_size == 1 and bool(stop))
+                if state.step % tcfg.save_every == 0 or state.step == steps or stopping:
+                    save_checkpoint(run, optimizer, scheduler, procedure.sampler, state, out, dist)
+                if stopping and state.step < steps:
+                    raise Interrupted(stop.signum or 2, f"interrupted at step {state.step}/{steps}; checkpoint "
+                                      f"(step {state.step}) in {out / rundir.CHECKPOINT_DIR}",
+                                      checkpoint_step=state.step)
+    finally:
+        log.close()
 
     elapsed = time.perf_counter() - start
-    extra = {"world_size": dist.world_size}
-    if config.method == "align_lora":
-        extra["align_skipped_batches"] = getattr(objective, "skipped", 0)
+    extra = {"world_size": dist.world_size, **procedure.extra()}
     summary = finish_run(run, state, out, elapsed, progress=progress, dist=dist, extra=extra)
     if dist.is_main and config.method == "align_lora":
         from mtlora.objectives.align import plot_align_history

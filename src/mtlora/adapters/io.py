@@ -15,9 +15,6 @@ leaves a half-written adapter.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from mtlora.adapters.inject import (
 )
 from mtlora.adapters.lora import LoraConfig
 from mtlora.errors import UserError
+from mtlora.fileio import atomic_write_dir, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 OURS_NAME = "mtlora_config.json"
@@ -40,11 +38,20 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
+def peft_type_of(config: LoraConfig) -> str:
+    """PEFT's ``peft_type``. A multi-head adapter gets a sentence instead of a type name: stock PEFT
+    cannot run it and fails on the unknown type with ``KeyError: <this text>``, which then says why."""
+    if config.method == "lora":
+        return "LORA"
+    return (f"{config.method.upper()}: a multi-head adapter of mtlora ({config.method}); stock PEFT cannot run it. "
+            "Load it with mtlora (mtlora.train.load_trained / mtlora eval --adapter)")
+
+
 def peft_config_dict(config: LoraConfig, base_model: str | None, fan_in_fan_out: bool = False) -> dict:
     """The adapter_config.json content: PEFT's LoraConfig fields (``fan_in_fan_out``: GPT-2's Conv1D)."""
     targets = config.target_modules
     return {
-        "peft_type": "LORA" if config.method == "lora" else config.method.upper(),
+        "peft_type": peft_type_of(config),
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": config.r,
@@ -60,38 +67,27 @@ def peft_config_dict(config: LoraConfig, base_model: str | None, fan_in_fan_out:
     }
 
 
-def atomic_write_dir(target: Path, write) -> None:
-    """Call ``write(tmp_dir)`` then rename tmp_dir to ``target`` (replacing an older one)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def save_adapter(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None,
+                 base_model_name: str | None = None) -> Path:
+    """Save the injected adapter of ``model`` to ``path`` (a folder), atomically.
 
-
-def save_adapter(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save the injected adapter of ``model`` to ``path`` (a folder), atomically."""
+    ``base_model_name`` is what ``adapter_config.json`` names as the base (a hub id travels; this
+    machine's folder does not); the folder the weights came from goes to ``mtlora_config.json``.
+    """
     config: LoraConfig | None = getattr(model, "mtlora_config", None)
     if config is None:
         raise ValueError("model has no adapters to save")
     state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    base = getattr(getattr(model, "config", None), "_name_or_path", None)
-    peft_cfg = peft_config_dict(config, base, uses_fan_in_fan_out(model))
+    local = getattr(getattr(model, "config", None), "_name_or_path", None)
+    peft_cfg = peft_config_dict(config, base_model_name or local, uses_fan_in_fan_out(model))
     ours = {"adapter": config.to_dict(), **(extra or {})}
+    if base_model_name and local and base_model_name != local:
+        ours["base_model_path"] = local
 
     def write(tmp: Path) -> None:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n")
-        (tmp / OURS_NAME).write_text(json.dumps(ours, indent=2) + "\n")
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(peft_cfg, indent=2) + "\n")
+        atomic_write_text(tmp / OURS_NAME, json.dumps(ours, indent=2) + "\n")
 
     atomic_write_dir(Path(path), write)
     return Path(path)
@@ -106,7 +102,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoraConfig, dict[str, Any]]:
     ours_path = Path(path) / OURS_NAME
     ours = _read_json(ours_path) if ours_path.is_file() else None
     if ours is None:  # a plain PEFT LoRA adapter: read PEFT's fields
-        if raw.get("peft_type") != "LORA":
+        if raw.get("peft_type") != "LORA" or not all(k in raw for k in ("r", "lora_alpha", "target_modules")):
             raise UserError(cfg_path, f"unsupported peft_type {raw.get('peft_type')!r}; expected LORA")
         adapter = dict(
             r=raw["r"],
@@ -116,6 +112,8 @@ def read_adapter_config(path: str | Path) -> tuple[LoraConfig, dict[str, Any]]:
             target_modules=raw["target_modules"],
         )
         return make_adapter_config("lora", **adapter), {}
+    if not isinstance(ours.get("adapter"), dict) or "method" not in ours["adapter"]:
+        raise UserError(ours_path, "expected an object with an 'adapter' config naming its 'method'")
     adapter = dict(ours["adapter"])
     method = adapter.pop("method")
     extra = {k: v for k, v in ours.items() if k != "adapter"}
@@ -124,9 +122,14 @@ def read_adapter_config(path: str | Path) -> tuple[LoraConfig, dict[str, Any]]:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise UserError(path, f"expected a JSON object, got {type(data).__name__}")
+        return data
     except json.JSONDecodeError as exc:
-        raise UserError(path, f"invalid JSON ({exc.msg})", line=exc.lineno) from exc
+        raise UserError(path, f"invalid JSON ({exc.msg})", line=exc.lineno) from None
+    except UnicodeDecodeError:
+        raise UserError(path, "not UTF-8 text; expected a JSON file") from None
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -142,7 +145,16 @@ def load_adapter(model: nn.Module, path: str | Path) -> tuple[nn.Module, dict[st
 def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
     """Copy saved adapter tensors into a model that already holds the same adapter (strict)."""
     weights = Path(path) / WEIGHTS_NAME
-    saved = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+    if not weights.is_file():
+        raise UserError(path, f"adapter folder has no {WEIGHTS_NAME}")
+    try:
+        loaded = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for a truncated or corrupt file
+        raise UserError(weights, f"unreadable safetensors file (truncated or corrupt: {str(exc)[:100]})") from None
+    for key, tensor in loaded.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(weights, f"{key}: non-finite values (NaN/inf); the adapter's weights are broken")
+    saved = {k.removeprefix(PEFT_PREFIX): v for k, v in loaded.items()}
     # PEFT keeps the adapter name in keys of a live model but not in files; accept both spellings.
     saved = {k.replace(".default.", "."): v for k, v in saved.items()}
     expected = adapter_state_dict(model)

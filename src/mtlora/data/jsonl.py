@@ -14,8 +14,11 @@ Each non-blank line is a JSON object with
 Any mistake raises :class:`UserError` naming the file, the 1-based line and the field, so the CLI
 prints ``error: data.jsonl:12: choices: expected ...``. Train and eval run the same validation.
 
-A user file is used whole for whichever split it is passed to (see ``load_tasks``): users who bring
-their own data usually bring their own train/eval files.
+Any malformed input (not UTF-8, a NUL byte, a JSON array instead of lines, wrong types, a line
+nested too deep to parse) is a ``UserError``, never another exception; the test suite fuzzes that.
+
+A user file is split into train/eval by the same stable hash as the built-in tasks, so a run never
+evaluates on its training rows; an explicit pair of files is the other way (see ``load_tasks``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def _parse_line(obj: Any, path: Path, line: int, default_task: str) -> Example:
             raise fail(f"{key}: missing; expected a non-empty string")
         if not isinstance(obj[key], str) or not obj[key]:
             raise fail(f"{key}: expected a non-empty string, got {_show(obj[key])}")
+    for key in ("prompt", "answer", "task", "target_delimiter"):
+        if isinstance(obj.get(key), str) and not _is_text(obj[key]):
+            raise fail(f"{key}: expected text without NUL characters or unpaired surrogates")
     task = obj.get("task", default_task)
     if not isinstance(task, str) or not task.strip():
         raise fail(f"task: expected a non-empty string, got {_show(task)}")
@@ -56,11 +62,17 @@ def _parse_line(obj: Any, path: Path, line: int, default_task: str) -> Example:
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise fail(f"meta: expected a JSON object, got {_show(meta)}")
+    try:
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise fail("meta: expected text without unpaired surrogates") from None
     choices = obj.get("choices")
     gold = None
     if choices is not None:
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise fail(f"choices: expected a list of at least 2 non-empty strings, got {_show(choices)}")
+        if not all(_is_text(c) for c in choices):
+            raise fail("choices: expected text without NUL characters or unpaired surrogates")
         if len(set(choices)) != len(choices):
             raise fail("choices: expected distinct strings (a repeated choice makes the gold ambiguous)")
         if obj["answer"] not in choices:
@@ -73,8 +85,18 @@ def _parse_line(obj: Any, path: Path, line: int, default_task: str) -> Example:
     )
 
 
+def _is_text(value: str) -> bool:
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _show(value: Any) -> str:
-    text = json.dumps(value)
+    text = json.dumps(value, ensure_ascii=True)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -84,15 +106,29 @@ def read_task_file(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise UserError(path, "task file not found; expected a .jsonl file or a built-in task name")
     examples: list[Example] = []
-    with path.open(encoding="utf-8-sig") as f:  # tolerate a BOM from Windows editors
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=line_no) from None
-            examples.append(_parse_line(obj, path, line_no, default_task=path.stem))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(path, f"cannot read ({exc.strerror or exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):  # tolerate a BOM from Windows editors
+        data = data[3:]
+    for line_no, raw in enumerate(data.splitlines(), start=1):  # \n, \r\n and \r all end a line
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(path, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                  "expected UTF-8 text", line=line_no) from None
+        if not line.strip():
+            continue
+        if "\x00" in line:
+            raise UserError(path, f"NUL byte at column {line.index(chr(0)) + 1}; expected JSON text", line=line_no)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=line_no) from None
+        except RecursionError:
+            raise UserError(path, "invalid JSON (nested too deeply)", line=line_no) from None
+        examples.append(_parse_line(obj, path, line_no, default_task=path.stem))
     if not examples:
         raise UserError(path, "expected at least one example (one JSON object per line); the file is empty")
     return examples

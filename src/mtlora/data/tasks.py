@@ -17,6 +17,7 @@ joins prompt and answer, as in lm-eval.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -402,24 +403,82 @@ def is_task_file(source: str | Path) -> bool:
     return p.suffix == ".jsonl" or p.is_file()
 
 
-def load_tasks(
-    sources: Sequence[str | Path], split: Split = "train", max_per_task: int | None = None,
-    split_user_files: bool = False,
-) -> list[Example]:
-    """Examples of several sources, each a built-in task name or a user JSONL file, concatenated.
+PAIR_KEYS = ("name", "train", "eval")
 
-    A user file is used whole, whichever split it is passed for (the user already split it), unless
-    ``split_user_files`` asks for the same hash split as the built-ins. ``max_per_task`` caps every
-    task (a file with several ``task`` values is capped per task) to its first examples in hash order.
+
+def check_task_source(source: Any, where: str = "tasks") -> None:
+    """A task source is a built-in name, a JSONL path, or ``{name: t, train: a.jsonl, eval: b.jsonl}``."""
+    if isinstance(source, (str, Path)):
+        return
+    if not isinstance(source, dict):
+        raise UserError(where, f"expected a task name, a .jsonl path or {{name, train, eval}}, got {source!r}")
+    unknown = sorted(set(source) - set(PAIR_KEYS))
+    if unknown:
+        raise UserError(where, f"{unknown[0]}: unknown key of a task pair; expected {list(PAIR_KEYS)}")
+    for key in ("train", "eval"):
+        if not isinstance(source.get(key), str) or not source[key]:
+            raise UserError(where, f"{key}: a task pair needs both files, e.g. {{name: t, train: a.jsonl, eval: b.jsonl}}")
+    if "name" in source and (not isinstance(source["name"], str) or not source["name"].strip()):
+        raise UserError(where, "name: expected a non-empty string")
+
+
+def _source_key(source: Any) -> str:
+    return source.get("name", Path(source["train"]).stem) if isinstance(source, dict) else str(source)
+
+
+def _read_pair_file(path: str, name: str) -> list[Example]:
+    from mtlora.data.jsonl import read_task_file
+
+    out = []
+    for line_no, ex in enumerate(read_task_file(path), start=1):
+        if ex.task not in (name, Path(path).stem):
+            raise UserError(path, f"task: this file is paired as task {name!r}, but an example names "
+                                  f"{ex.task!r} (example {line_no})")
+        out.append(dataclasses.replace(ex, task=name))
+    return out
+
+
+def _load_pair(source: dict, split: Split) -> list[Example]:
+    name = _source_key(source)
+    train = _read_pair_file(source["train"], name) if split in ("train", "all") else []
+    evals = _read_pair_file(source["eval"], name) if split in ("eval", "all") else []
+    if split != "all":  # the other file is read to make sure no evaluated row is a training row
+        other = _read_pair_file(source["eval" if split == "train" else "train"], name)
+        train, evals = (train, other) if split == "train" else (other, evals)
+    seen = {(ex.prompt, ex.answer, ex.choices) for ex in train}
+    for i, ex in enumerate(evals, start=1):
+        if (ex.prompt, ex.answer, ex.choices) in seen:
+            raise UserError(source["eval"], f"example {i} is also in the training file {source['train']}; "
+                                            "an eval set must hold only held-out rows")
+    return train if split == "train" else evals if split == "eval" else train + evals
+
+
+def load_tasks(
+    sources: Sequence[Any], split: Split = "train", max_per_task: int | None = None,
+    split_user_files: bool = True,
+) -> list[Example]:
+    """Examples of several sources, each a built-in task name, a user JSONL file or a train/eval pair.
+
+    A user file is split into train/eval by the same stable hash as the built-ins (so a run never
+    evaluates on rows it trained on); ``split_user_files=False`` uses it whole (``split`` "all" does
+    too). A pair ``{name: t, train: a.jsonl, eval: b.jsonl}`` takes each split from its own file; an
+    eval row that is also a training row is an error. ``max_per_task`` caps every task (a file with
+    several ``task`` values is capped per task) to its first examples in hash order.
     """
     from mtlora.data.jsonl import read_task_file
 
     out: list[Example] = []
     seen: set[str] = set()
     for source in sources:
-        if str(source) in seen:
-            raise UserError(source, "task listed twice; each task or file may appear once")
-        seen.add(str(source))
+        check_task_source(source)
+        key = _source_key(source)
+        if key in seen:
+            raise UserError(key, "task listed twice; each task or file may appear once")
+        seen.add(key)
+        if isinstance(source, dict):
+            examples = _load_pair(source, split)
+            out.extend(split_examples(examples, "all", max_per_task) if max_per_task is not None else examples)
+            continue
         if isinstance(source, str) and source in BUILTIN_TASKS:
             out.extend(load_task(source, split, max_per_task))
             continue
