@@ -152,10 +152,14 @@ def test_meta_lora_refuses_fp16(tiny_model_dir, task_files, tmp_path):
         _train(_cfg(tiny_model_dir, task_files, tmp_path / "m", "meta_lora", precision="fp16"))
 
 
-def test_bf16_with_gradient_checkpointing_and_align_capture(tiny_model_dir, task_files, tmp_path):
-    cfg = _cfg(tiny_model_dir, task_files, tmp_path / "gc", "align_lora", **{"train.gradient_checkpointing": "true"})
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "meta_lora"])  # MeTA-LoRA refuses checkpointing
+def test_bf16_with_gradient_checkpointing(method, tiny_model_dir, task_files, tmp_path):
+    cfg = _cfg(tiny_model_dir, task_files, tmp_path / "gc", method, **{"train.gradient_checkpointing": "true"})
     summary = train(cfg, progress=False)
-    assert summary["steps"] == 6 and "align_loss" in summary["history"][-1]
+    losses = [h["loss"] for h in summary["history"]]
+    assert summary["steps"] == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    if method == "align_lora":  # the capture works under recomputation too
+        assert "align_loss" in summary["history"][-1]
 
 
 def test_router_softmax_stays_fp32_under_autocast():
