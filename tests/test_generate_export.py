@@ -207,3 +207,28 @@ def test_portable_base_names():
     assert portable_base_name("/home/me/models/my-llama") == "my-llama"
     assert portable_base_name("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert portable_base_name("/x/y", override="org/name") == "org/name"
+
+
+def test_generate_chat_uses_the_tokenizer_template(tmp_path, monkeypatch, capsys):
+    from mtlora.models import load_model
+    from mtlora.testing import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "chat-llama")
+    model, tok = load_model(folder)
+    tok.chat_template = "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.save_pretrained(folder)
+    templated = "<|endoftext|>user: the cat\nassistant:"
+    ids = tok.encode(templated, add_special_tokens=False)
+    new = []
+    for _ in range(4):  # greedy by full forwards from the templated prompt
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+    code, out, err = run_cli(monkeypatch, capsys, "generate", str(folder), "--prompt", "the cat", "--chat",
+                             "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out == tok.decode(new, skip_special_tokens=True) + "\n"
+    plain = run_cli(monkeypatch, capsys, "generate", str(folder), "--prompt", "the cat", "--max-new-tokens", "4")[1]
+    assert plain != out  # so the comparison above could tell the template from no template
