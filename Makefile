@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup test demo cvlm-demo lint bench-all
+.PHONY: setup test test-fast demo cvlm-demo lint bench-all
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: setup
 	$(PY) -m pytest
+
+test-fast: setup  # the edit loop: everything but the end-to-end tests marked slow
+	$(PY) -m pytest -m "not slow"
 
 demo: setup
 	$(VENV)/bin/mtlora demo

@@ -1,4 +1,4 @@
-"""Step-time overhead of Align-LoRA over plain LoRA on SmolLM2-135M (DESIGN.md section 9).
+"""Step-time overhead of Align-LoRA over plain LoRA on SmolLM2-135M.
 
     python benchmarks/align_overhead.py            # ~3 min on 2 CPU cores
     python benchmarks/align_overhead.py --quick    # shorter sequences, fewer steps

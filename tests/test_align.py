@@ -3,8 +3,10 @@ accumulation), alignment that actually aligns, PEFT load + merge, config, plot."
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import align_repo_port as repo
 import pytest
 import torch
 
@@ -27,6 +29,7 @@ from mtlora.objectives.align import (
     capture_features,
     inter_task_kl,
     mmd_loss,
+    mmd_loss_per_position,
     plot_align_history,
     symmetric_kl,
     task_statistics,
@@ -229,6 +232,40 @@ def test_mmd_is_zero_for_equal_groups_and_matches_a_naive_estimate():
     assert mmd_loss(feats, torch.tensor([0, 1]), tokens_per_task=3) is not None  # subsampled still works
 
 
+def _repo_groups(n_tasks=3, rows=4, positions=5, r=3, seed=0):
+    """Features in the released code's layout: rows of task k contiguous, no padding."""
+    torch.manual_seed(seed)
+    groups = [torch.randn(rows, positions, r) * (1 + k) + k for k in range(n_tasks)]
+    ids = torch.arange(n_tasks).repeat_interleave(rows)
+    return groups, torch.cat(groups), ids
+
+
+def test_repo_kl_statistics_match_a_port_of_the_released_code():
+    """statistics: per_position, variance: unbiased, eps: 1e-8 is custom.py's KL_Trainer loss."""
+    layers = [_repo_groups(seed=s) for s in range(2)]
+    ours = inter_task_kl(
+        [x for _, x, _ in layers], layers[0][2], statistics="per_position", unbiased=True, eps=1e-8
+    )
+    theirs = repo.representation_loss([g for g, _, _ in layers], repo.kl_loss)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    biased = inter_task_kl([x for _, x, _ in layers], layers[0][2], statistics="per_position", eps=1e-8)
+    assert not torch.allclose(biased, theirs, rtol=1e-3)  # the variance convention matters here
+
+
+def test_repo_mmd_kernel_matches_a_port_of_the_released_code():
+    layers = [_repo_groups(seed=s, r=2) for s in range(2)]
+    ours = mmd_loss_per_position([x * 0.01 for _, x, _ in layers], layers[0][2])
+    theirs = repo.representation_loss([[g * 0.01 for g in gs] for gs, _, _ in layers], repo.maximum_mean_discrepancy)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours > 0.1
+    # padding masked: a padded position does not count, so padding rows with junk changes nothing
+    feats, ids = layers[0][1], layers[0][2]
+    padded = torch.cat([feats, torch.full((feats.shape[0], 2, feats.shape[2]), 7.0)], dim=1)
+    mask = torch.cat([torch.ones(feats.shape[:2]), torch.zeros(feats.shape[0], 2)], dim=1)
+    torch.testing.assert_close(mmd_loss_per_position([padded * 0.01], ids, mask), mmd_loss_per_position([feats * 0.01], ids))
+    assert mmd_loss_per_position([feats], torch.zeros_like(ids)) is None
+
+
 # --- gradients, checkpointing, accumulation ------------------------------------------------------------
 def _enable_checkpointing(model, reentrant: bool) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -332,10 +369,31 @@ def test_task_balanced_sampler_batches_are_never_skipped():
 
 
 # --- the point of it all ------------------------------------------------------------------------------
-def _train(lam: float, steps: int = 10) -> float:
+VARIANTS = {
+    "kl_pooled": AlignConfig(loss="kl"),
+    "kl_repo": AlignConfig(loss="kl", statistics="per_position", variance="unbiased", eps=1e-8),
+    "mmd_pooled": AlignConfig(loss="mmd"),
+    "mmd_repo": AlignConfig(loss="mmd", mmd_kernel="repo"),
+}
+
+
+def _own_measure(cfg: AlignConfig, feats, batch) -> float:
+    ids, mask = batch["task_ids"], batch["attention_mask"]
+    if cfg.loss == "kl":
+        return float(inter_task_kl(feats, ids, mask, statistics=cfg.statistics, eps=cfg.eps,
+                                   unbiased=cfg.variance == "unbiased"))
+    if cfg.mmd_kernel == "repo":
+        return float(mmd_loss_per_position(feats, ids, mask))
+    return float(mmd_loss(feats, ids, mask, bandwidths=cfg.mmd_bandwidths, relative=cfg.mmd_relative,
+                          tokens_per_task=cfg.mmd_tokens_per_task))
+
+
+def _train(lam: float, steps: int = 10, variant: str = "kl_pooled") -> tuple[float, float]:
+    """(held-out pooled inter-task KL, held-out value of the variant's own alignment loss)."""
     model, tok = _model(dropout=0.0, seed=0)
     model.train()
-    objective = AlignObjective(AlignConfig(lam=lam))
+    cfg = dataclasses.replace(VARIANTS[variant], lam=lam)
+    objective = AlignObjective(cfg)
     params = [p for _, p in trainable_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     for step in range(steps):
@@ -347,12 +405,21 @@ def _train(lam: float, steps: int = 10) -> float:
     held_out = _mixed_batch(tok, which=3)
     with torch.no_grad():
         feats = capture_features(model, held_out)
-    return float(inter_task_kl(feats, held_out["task_ids"], held_out["attention_mask"]))
+    kl = float(inter_task_kl(feats, held_out["task_ids"], held_out["attention_mask"]))
+    return kl, _own_measure(cfg, feats, held_out)
 
 
 def test_alignment_shrinks_inter_task_kl_on_held_out_batch():
-    plain, aligned = _train(0.0), _train(1.0)
+    plain, aligned = _train(0.0)[0], _train(1.0)[0]
     assert aligned < 0.5 * plain, (aligned, plain)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_variant_lowers_its_own_alignment_loss(variant):
+    """Trained with lambda > 0, every option (ours and the released code's) lowers the distance it
+    optimises, measured on a held-out batch, against the same run with lambda = 0."""
+    plain, aligned = _train(0.0, variant=variant)[1], _train(1.0, variant=variant)[1]
+    assert aligned < 0.8 * plain, (variant, aligned, plain)
 
 
 def test_trained_adapter_loads_in_peft_and_merges(tmp_path):
@@ -458,3 +525,11 @@ def test_trainer_runs_align_lora_with_checkpointing_accumulation_and_balanced_ba
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     png = plot_align_history(history, out / "align_history.png")
     assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("kw, where", [({"variance": "sample"}, "align.variance"), ({"mmd_kernel": "rbf"}, "align.mmd_kernel")])
+def test_new_options_are_validated(kw, where):
+    with pytest.raises(UserError, match=where.replace(".", r"\.")):
+        AlignConfig(**kw)
+    with pytest.raises(UserError, match=where.replace(".", r"\.")):
+        load_config(None, [f"align.{k}={v}" for k, v in kw.items()])

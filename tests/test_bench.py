@@ -65,7 +65,18 @@ def test_grid_writes_outputs_and_skips_finished_cells(tmp_path, tiny_model_dir, 
     assert methods["rlora"]["budget_parameters"] == methods["rlora"]["trainable_parameters"] > 0
     table = (out / "table.md").read_text()
     assert "mtlora bench tiny.yaml" in table and "theirs: Qwen2.5-3B" in table
-    assert "R-LoRA > HydraLoRA | - | - | - | - | - | not run" in table  # no HydraLoRA in this grid
+    assert "| R-LoRA > HydraLoRA (arXiv 2502.15455) | - | - | - | - | not run |" in table  # no HydraLoRA here
+    # every cell keeps its per-example correctness and the training data it saw
+    cell0 = json.loads((out / "cells" / "lora" / "seed0" / "cell.json").read_text())
+    assert set(cell0["examples"]) == {"qa", "sentiment"}
+    assert len(cell0["examples"]["qa"]["correct"]) == len(cell0["examples"]["qa"]["ids"]) == 4
+    assert cell0["training_data"]["example_passes"] == 2 * 4  # 2 steps of 4
+    assert sum(cell0["training_data"]["distinct_per_task"].values()) <= 8
+    assert results["aggregate"]["eval_examples"]["qa"] == cell0["examples"]["qa"]["ids"]
+    assert set(methods["lora"]["correct"]) == {"0", "1"} and "examples" not in methods["lora"]["cells"][0]
+    low, high = methods["lora"]["macro"]["ci95"]
+    assert low <= methods["lora"]["macro"]["mean"] <= high
+    assert "macro 95 % CI" in table and "minimum detectable difference" in table
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
     cell = out / "cells" / "lora" / "seed1"
     assert yaml.safe_load((cell / "cell.yaml").read_text())["train"]["seed"] == 1
@@ -162,10 +173,18 @@ def test_orderings_verdicts():
     methods["l"] = entry("lora", [50.0, 52.0])  # only 1 pp above zero-shot: nothing learned to match
     methods["k"] = entry("meta_k50", [50.0, 51.0])
     rows = {o["claim"]: o for o in check_orderings(methods)}
-    assert rows["MeTA-LoRA k=50/task matches LoRA on all data"]["verdict"].startswith("held (vacuous")
-    assert rows["A-LoRA-K > M-LoRA"]["verdict"] == "held (beyond the seed spread)"
-    assert rows["M-LoRA > R-LoRA"]["verdict"] == "did not hold (within the seed spread)"
+    # no per-example results (as in results saved before cells kept them): the seed-spread reading
+    # survives as the unpaired reading, and no verdict is given
+    assert rows["MeTA-LoRA k=50/task matches LoRA on all data"]["unpaired_verdict"].startswith("held (vacuous")
+    assert rows["A-LoRA-K > M-LoRA"]["unpaired_verdict"] == "held (beyond the seed spread)"
+    assert rows["M-LoRA > R-LoRA"]["unpaired_verdict"] == "did not hold (within the seed spread)"
+    assert rows["A-LoRA-K > M-LoRA"]["verdict"].startswith("not resolvable: per-example results not saved")
+    assert rows["A-LoRA-K > M-LoRA"]["paired"] is None and rows["A-LoRA-K > M-LoRA"]["held"] is None
     assert rows["R-LoRA > HydraLoRA"]["verdict"] == "not run"
+    # no lora_full cell: the "all data" claim falls back to LoRA r=8, and without a record of what it saw
+    # the claim is untested
+    k50 = rows["MeTA-LoRA k=50/task matches LoRA on all data"]
+    assert k50["right"] == ["lora"] and k50["verdict"].startswith("untested")
 
 
 def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):
@@ -173,6 +192,8 @@ def test_bad_bench_configs(tmp_path, tiny_model_dir, task_files):
         bench_from_dict({"base": {}, "methods": {"a": {}}, "output_dir": "x", "method": "lora"})
     with pytest.raises(UserError, match="role"):
         bench_from_dict({"base": {}, "methods": {"a": {"role": "best"}}, "output_dir": "x"})
+    with pytest.raises(UserError, match="cell_timeout_s"):
+        bench_from_dict({"base": {}, "methods": {"a": {"cell_timeout_s": -1}}, "output_dir": "x"})
     bench = _bench(tmp_path, tiny_model_dir, task_files, {"bad": {"adapter": {"rank": 3}}}, seeds=(0,))
     with pytest.raises(UserError, match="rank"):
         run_bench(bench, progress=False, echo=lambda _: None)
@@ -220,3 +241,33 @@ def test_interrupted_cell_resumes_only_its_own_checkpoint(tmp_path, tiny_model_d
     bench.base["train"]["lr"] = 1e-2  # another config: the old checkpoint must not be resumed
     run_bench(bench, progress=False, echo=lambda _: None)
     assert calls == [False, True, False]
+
+
+def test_cpu_profile_full_data_and_k_shot_cells(tmp_path):
+    """configs/bench/cpu.yaml: >= 150 eval examples per task where the task has them; lora_full sees far
+    more than k examples of every task, lora_k* exactly MeTA-LoRA's k per task; lora_r8 only ~k=50."""
+    from mtlora.bench import load_bench_config, prepare_cells, training_data_seen
+    from mtlora.data.tasks import task_size
+
+    root = Path(__file__).resolve().parents[1]
+    bench = load_bench_config(root / "configs" / "bench" / "cpu.yaml", ["seeds=[0]", f"output_dir={tmp_path}"])
+    assert bench.base["data"]["max_eval_per_task"] >= 150
+    assert all(task_size(t)["eval"] >= 150 or t == "arc_challenge" for t in bench.base["tasks"])
+    configs = {m.name: (m, c) for m, _, c in prepare_cells(bench)}
+    seen = {name: training_data_seen(c, eval_only=m.eval_only) for name, (m, c) in configs.items()}
+    assert min(seen["lora_full"]["distinct_per_task"].values()) > 200
+    assert seen["lora_full"]["pool_per_task"]["hellaswag"] == 2215 < task_size("hellaswag")["train"]
+    assert seen["lora_full"]["pool_per_task"]["boolq"] == task_size("boolq")["train"]  # only hellaswag capped
+    assert set(seen["lora_k50"]["distinct_per_task"].values()) == {50}
+    assert set(seen["lora_k100"]["distinct_per_task"].values()) == {100}
+    assert set(seen["lora_r8"]["distinct_per_task"].values()) == {50}
+    assert configs["lora_full"][0].cell_timeout_s > bench.cell_timeout_s
+    # "the same k examples": lora_k50's training set is exactly MeTA-LoRA k=50's k-shot pool
+    from mtlora.meta import kshot_pools
+    from mtlora.train import training_examples
+
+    meta = configs["meta_k50"][1]
+    pools = kshot_pools(training_examples(meta), meta.meta, seed=meta.train.seed)
+    k50 = configs["lora_k50"][1]
+    assert k50.train.seed == meta.train.seed
+    assert {ex for p in pools for ex in (*p.support, *p.query)} == set(training_examples(k50))

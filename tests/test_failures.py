@@ -107,7 +107,7 @@ def test_demo_overwrite_also_refuses_foreign_folders(monkeypatch, capsys, tmp_pa
 
 # --------------------------------------------------------------------------- every numeric key's range
 BAD_VALUES = {
-    "data.max_length": [0, -3], "data.max_train_per_task": [0], "data.max_eval_per_task": [-1],
+    "data.max_length": [0, -3], "data.max_train_per_task": [0], "data.train_k_shot": [0], "data.max_eval_per_task": [-1],
     "data.tasks_per_batch": [0],
     "train.batch_size": [0], "train.grad_accum": [0], "train.lr": [0, -1e-3, math.nan], "train.weight_decay": [-0.1],
     "train.warmup_ratio": [-0.1, 1.0], "train.epochs": [0, -1], "train.max_steps": [0], "train.max_grad_norm": [-1, 0],
@@ -116,7 +116,7 @@ BAD_VALUES = {
     "align.lambda": [-0.2], "align.eps": [0], "align.mmd_tokens_per_task": [1],
     "meta.k": [0], "meta.support_fraction": [0, 1], "meta.support_size": [0], "meta.query_size": [0],
     "meta.tasks_per_iter": [0], "meta.inner_steps": [0], "meta.inner_lr": [0], "meta.outer_lr": [-1],
-    "meta.iterations": [0],
+    "meta.iterations": [0], "meta.pool_seed": [-1],
 }
 _CONTEXT = {"data.tasks_per_batch": ["data.sampler=task_balanced"], "align": ["method=align_lora", "align.loss=mmd"],
             "meta": ["method=meta_lora"]}
@@ -515,3 +515,69 @@ def test_a_killed_writes_temporaries_are_cleaned_at_the_next_start(monkeypatch, 
     assert run_cli(monkeypatch, capsys, "train", str(cfg), "train.max_steps=3", "--resume", "--no-progress")[0] == 0
     assert not any(p.exists() for p in stale)
     assert (out / ".keepme").read_text() == "not ours"
+
+
+# --------------------------------------------------------------------------- the JSONL reader, fuzzed
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+_field = st.sampled_from(["prompt", "answer", "choices", "task", "target_delimiter", "meta", "extra"])
+_row = st.dictionaries(_field, _json | st.text(min_size=1, max_size=12) | st.lists(st.text(max_size=5), max_size=4),
+                       max_size=6)
+_line = st.one_of(
+    _row.map(lambda r: json.dumps(r).encode()),
+    _row.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=40),
+    st.sampled_from([b"", b"\xef\xbb\xbf{}", b"\x00", b"[", b"[" * 5000, b'{"prompt": "a\x00", "answer": "b"}',
+                     b'{"prompt": "\\ud800", "answer": "b"}', b"\xff\xfe{\x00}\x00"]),
+)
+_file = st.tuples(st.lists(_line, max_size=6), st.sampled_from([b"\n", b"\r\n", b"\r"]), st.booleans())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_file)
+def test_the_reader_gives_a_task_list_or_a_user_error_never_another_exception(tmp_path, case):
+    from mtlora.data.example import Example
+    from mtlora.data.jsonl import read_task_file, write_task_file
+
+    lines, newline, bom = case
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + newline.join(lines))
+    try:
+        examples = read_task_file(path)
+    except UserError as exc:
+        assert exc.format().startswith(str(path)) and "\n" not in exc.format()
+        return
+    assert examples and all(isinstance(ex, Example) for ex in examples)
+    assert read_task_file(write_task_file(tmp_path / "again.jsonl", examples)) == examples
+
+
+def test_the_reader_on_the_shapes_users_send(tmp_path):
+    from mtlora.data.jsonl import read_task_file
+
+    ok = b'{"prompt": "p", "answer": "a"}'
+    cases = {
+        "crlf.jsonl": (ok + b"\r\n") * 2, "bom.jsonl": b"\xef\xbb\xbf" + ok + b"\n",
+        "long.jsonl": json.dumps({"prompt": "x" * 5_000_000, "answer": "a"}).encode() + b"\n",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert read_task_file(tmp_path / name)[0].answer == "a"
+    bad = {
+        "latin1.jsonl": ("caf\xe9".encode("latin-1"), ":1: not valid UTF-8"),
+        "array.jsonl": (b'[{"prompt": "p", "answer": "a"}]', ":1: expected a JSON object"),
+        "nul.jsonl": (ok + b"\n\x00" + ok, ":2: NUL byte"),
+        "deep.jsonl": (b"[" * 100_000, ":1: invalid JSON"),
+        "types.jsonl": (b'{"prompt": "p", "answer": "a", "choices": ["a", 3]}', ":1: choices"),
+    }
+    for name, (data, needle) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError) as info:
+            read_task_file(tmp_path / name)
+        assert needle in info.value.format(), info.value.format()

@@ -43,10 +43,10 @@ def _examples(task: str, count: int) -> list[Example]:
     return out
 
 
-def _setup(seed: int = 0, targets=("q_proj", "v_proj", "up_proj", "down_proj")):
-    """Tiny Llama with LoRA (dropout 0) whose B is random, so every gradient is non-trivial."""
+def _setup(seed: int = 0, targets=("q_proj", "v_proj", "up_proj", "down_proj"), dropout: float = 0.0):
+    """Tiny Llama with LoRA (dropout 0 unless given) whose B is random, so every gradient is non-trivial."""
     model, tok = tiny_model("llama")
-    inject_adapters(model, make_adapter_config("lora", r=2, alpha=4, dropout=0.0, target_modules=list(targets)))
+    inject_adapters(model, make_adapter_config("lora", r=2, alpha=4, dropout=dropout, target_modules=list(targets)))
     torch.manual_seed(seed)
     with torch.no_grad():
         for a, b in lora_parameters(model).values():
@@ -164,12 +164,30 @@ def test_per_task_losses_are_each_tasks_own_mean():
     assert counts.sum() == (batch["labels"][:, 1:] != -100).sum()
 
 
-def test_kshot_pools_are_deterministic_disjoint_and_validated():
-    examples = [ex for t in ("t0", "t1") for ex in _examples(t, 20)]
+def _distinct(task: str, count: int) -> list[Example]:
+    return [Example(task, f"{task} question {i}?", f"answer {i}") for i in range(count)]
+
+
+def test_kshot_pools_are_drawn_per_seed_disjoint_and_validated():
+    examples = [ex for t in ("t0", "t1") for ex in _distinct(t, 20)]
     meta = MetaConfig(k=10, support_fraction=0.6, support_size=3, query_size=2, tasks_per_iter=2)
-    pools = kshot_pools(examples, meta)
+    pools = kshot_pools(examples, meta, seed=0)
     assert [p.task for p in pools] == ["t0", "t1"]
-    assert pools[0].support == _examples("t0", 20)[:6] and pools[0].query == _examples("t0", 20)[6:10]
+    for pool in pools:
+        task_examples = _distinct(pool.task, 20)
+        assert len(pool.support) == 6 and len(pool.query) == 4
+        assert not set(pool.support) & set(pool.query)
+        assert set(pool.support) | set(pool.query) <= set(task_examples)
+    again = kshot_pools(examples, meta, seed=0)
+    assert [(p.support, p.query) for p in again] == [(p.support, p.query) for p in pools]  # same seed, same pool
+    drawn = [frozenset(ex for p in kshot_pools(examples, meta, seed=s) for ex in p.support + p.query) for s in range(5)]
+    assert len(set(drawn)) == 5  # every seed draws its own k-shot data
+    first_k = frozenset(ex for t in ("t0", "t1") for ex in _distinct(t, 20)[:10])
+    assert any(d != first_k for d in drawn)  # not the first k in the given order
+    # a task's pool depends on the seed and the task only, not on the other tasks
+    alone = kshot_pools(_distinct("t1", 20), MetaConfig(k=10, support_fraction=0.6, support_size=3,
+                                                         query_size=2, tasks_per_iter=1), seed=0)
+    assert alone[0].support == pools[1].support
     a, b = MetaSampler(pools, meta, seed=1), MetaSampler(pools, meta, seed=1)
     b.load_state_dict(a.state_dict())
     first = a.sample()
@@ -181,6 +199,44 @@ def test_kshot_pools_are_deterministic_disjoint_and_validated():
         kshot_pools(examples, MetaConfig(k=10, support_size=2, query_size=2, tasks_per_iter=3))
     with pytest.raises(UserError, match="inner_steps"):
         MetaConfig(inner_steps=0)
+    with pytest.raises(UserError, match="pool_seed"):
+        MetaConfig(pool_seed=-1)
+
+
+def test_meta_gradients_with_dropout_estimate_the_reference_expectation():
+    """Dropout > 0 (the bench uses 0.1): masks are drawn in both stages, and averaged over draws the
+    batched meta-gradient agrees with the sequential deep-copy reference's, within Monte Carlo error.
+    A mask applied to the wrong rows, shared across stages or mis-rescaled would move the mean."""
+    meta = MetaConfig(inner_lr=0.5)
+    draws = {"batched": [], "reference": []}
+    for name in draws:
+        model, collator, groups = _setup(dropout=0.3)
+        support = collate_slots(collator, [s for s, _ in groups])
+        query = collate_slots(collator, [q for _, q in groups])
+        episodes = [(collator(s), collator(q)) for s, q in groups]
+        params = [p for p in model.parameters() if p.requires_grad]
+        for seed in range(40):
+            torch.manual_seed(1000 + seed)
+            for p in params:
+                p.grad = None
+            if name == "batched":
+                meta_gradients(model, support, query, meta)
+            else:
+                reference_meta_gradients(model, episodes, meta)
+            draws[name].append(torch.cat([p.grad.flatten() for p in params]))
+    b, r = torch.stack(draws["batched"]).double(), torch.stack(draws["reference"]).double()
+    assert all(torch.isfinite(b).all() for b in (b, r))
+    assert (b[0] - b[1]).abs().max() > 1e-3 * b[0].abs().max()  # dropout is live: draws differ
+    n = b.shape[0]
+    d2 = ((b.mean(0) - r.mean(0)) ** 2).sum()
+    expected_d2 = (b.var(0) + r.var(0)).sum() / n  # E[d2] when both estimate the same mean
+    assert d2 < 2.0 * expected_d2, (d2.item(), expected_d2.item())
+    # and the test can tell: the dropout-free gradient is not within that error
+    model, collator, groups = _setup(dropout=0.0)
+    meta_gradients(model, collate_slots(collator, [s for s, _ in groups]),
+                   collate_slots(collator, [q for _, q in groups]), meta)
+    g0 = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double()
+    assert ((b.mean(0) - g0) ** 2).sum() > 2.0 * expected_d2
 
 
 def _task_file(path: Path) -> Path:
@@ -197,14 +253,15 @@ def _task_file(path: Path) -> Path:
     return path
 
 
-def test_train_meta_end_to_end_saves_a_peft_loadable_adapter_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_train_meta_end_to_end_saves_a_peft_loadable_adapter_and_resumes(tmp_path, monkeypatch, dropout):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny_model(tmp_path / "tiny", "llama")
     data = _task_file(tmp_path / "tasks.jsonl")
     overrides = [
-        f"model={model_dir}", f"tasks=[{data}]", "method=meta_lora", "adapter.r=4", "adapter.dropout=0.0",
+        f"model={model_dir}", f"tasks=[{data}]", "method=meta_lora", "adapter.r=4", f"adapter.dropout={dropout}",
         "adapter.target_modules=[q_proj,up_proj]", "meta.k=8", "meta.support_size=2", "meta.query_size=2",
         "meta.tasks_per_iter=2", "meta.iterations=4", "meta.inner_lr=0.1", "meta.outer_lr=0.01",
         "train.save_every=2", "data.max_eval_per_task=2", "data.max_length=48",

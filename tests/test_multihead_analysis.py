@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mtlora.adapters import adapter_layers, inject_adapters, make_adapter_config, save_adapter
-from mtlora.adapters.multihead.analysis import analyze_adapter, head_cosine, head_similarity, main
+from mtlora.analysis import analyze_adapter, head_cosine, head_similarity, main
 from mtlora.data.example import Example
 from mtlora.errors import UserError
 from mtlora.testing import save_tiny_model, tiny_model
@@ -31,13 +31,15 @@ def test_head_cosine_known_values():
     torch.testing.assert_close(head_cosine(b), expected)
 
 
-def test_centred_random_heads_start_anti_correlated():
-    """N mean-centred random heads have cosine -1/(N-1) in expectation (documented in analysis.py)."""
+@pytest.mark.parametrize("zero_init, expected", [("center", -1 / 3), ("offset", 0.0)])
+def test_random_heads_start_similarity(zero_init, expected):
+    """N mean-centred random heads have cosine -1/(N-1) in expectation, heads as drawn 0 (analysis.py)."""
     model, _ = tiny_model("llama")
-    inject_adapters(model, make_adapter_config("rlora", num_heads=4, target_modules="all-linear", r=8))
+    cfg = make_adapter_config("rlora", num_heads=4, target_modules="all-linear", r=8, zero_init=zero_init)
+    inject_adapters(model, cfg)
     sims = torch.stack(list(head_similarity(model).values()))
     off = ~torch.eye(4, dtype=torch.bool)
-    assert abs(sims[:, off].mean().item() + 1 / 3) < 0.05
+    assert abs(sims[:, off].mean().item() - expected) < 0.05
 
 
 @pytest.mark.parametrize("method, with_data", [("rlora", True), ("hydralora", True), ("mlora", False)])

@@ -105,8 +105,10 @@ def train_command(
     from mtlora.config import load_config
 
     cfg = load_config(config, overrides or [])
-    if cfg.method == "meta_lora" and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
+    from mtlora.methods import get_method
+
+    if get_method(cfg.method).single_process and (num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError("method", f"{cfg.method} trains in one process; data parallelism covers the other methods")
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from mtlora.distributed import relaunch_train
 
@@ -247,7 +249,7 @@ def analyze_command(
     max_per_task: Annotated[int, typer.Option()] = 32,
 ) -> None:
     """Head cosine similarity per layer and per-task router weights: tables + heat-map PNGs."""
-    from mtlora.adapters.multihead.analysis import analyze_adapter
+    from mtlora.analysis import analyze_adapter
 
     _quiet_libraries()
     out_dir = out or adapter / "analysis"
@@ -257,14 +259,16 @@ def analyze_command(
 
 @app.command("bench")
 def bench_cli(
-    config: Annotated[Path, typer.Argument(help="bench YAML (e.g. configs/bench/cpu.yaml)")],
+    config: Annotated[Path, typer.Argument(
+        help="bench YAML (e.g. configs/bench/cpu.yaml), or a grid's results.json with --report")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. seeds=[0]")] = None,
     budgets: Annotated[bool, typer.Option(help="only count each method's trainable parameters")] = False,
     report: Annotated[bool, typer.Option(help="run nothing: rewrite the outputs from the finished cells")] = False,
     only: Annotated[list[str] | None, typer.Option(help="run only these methods (repeatable)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars (in-process cells)")] = True,
 ) -> None:
-    """Run a grid of methods x seeds: results.json, table.md, chart.png (resumable; exit 1 if a cell failed)."""
+    """Run a grid of methods x seeds: results.json, table.md (paired intervals), chart.png (resumable; exit 1 if a
+    cell failed)."""
     import shlex
 
     from mtlora.bench import bench_command

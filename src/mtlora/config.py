@@ -22,10 +22,9 @@ from typing import Any, Literal
 import yaml
 
 from mtlora.errors import UserError
+from mtlora.methods import get_method, method_names
 
-METHODS = ("lora", "hydralora", "rlora", "mlora", "align_lora", "meta_lora")
-# Align-LoRA and MeTA-LoRA train a plain LoRA adapter; they differ by objective / procedure.
-ADAPTER_TYPE_OF_METHOD = {"align_lora": "lora", "meta_lora": "lora"}
+METHODS = method_names()  # mtlora.methods is the registry
 
 
 def _at_least(obj: Any, section: str, **minimum: float) -> None:
@@ -52,6 +51,9 @@ _NULLABLE = {"train": ("max_grad_norm",)}
 class DataConfig:
     max_length: int = field(default=256, metadata={"help": "tokens per example (prompt cut from the left)"})
     max_train_per_task: int | None = field(default=None, metadata={"help": "cap on training examples per task"})
+    train_k_shot: int | None = field(
+        default=None, metadata={"help": "train on k examples per task drawn per train.seed (MeTA-LoRA's k-shot draw)"}
+    )
     max_eval_per_task: int | None = field(
         default=200, metadata={"help": "cap on evaluation examples per task (0: no evaluation, null: all)"}
     )
@@ -61,7 +63,8 @@ class DataConfig:
     tasks_per_batch: int | None = field(default=None, metadata={"help": "k tasks per batch (task_balanced)"})
 
     def __post_init__(self) -> None:
-        _at_least(self, "data", max_length=1, max_train_per_task=1, max_eval_per_task=0, tasks_per_batch=1)
+        _at_least(self, "data", max_length=1, max_train_per_task=1, train_k_shot=1, max_eval_per_task=0,
+                  tasks_per_batch=1)
         if self.tasks_per_batch is not None and self.sampler != "task_balanced":
             raise UserError("data.tasks_per_batch", f"applies to data.sampler=task_balanced only, not {self.sampler!r}")
 
@@ -99,14 +102,21 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_new_tokens: int = field(default=16, metadata={"help": "generation budget of open-answer tasks"})
+    protocol: Literal["loglik", "generate_extract"] = field(
+        default="loglik",
+        metadata={"help": "loglik (lm-eval's choice log-likelihood) or generate_extract (the papers' scripts: "
+                  "instruction prompt, greedy generation, answer extraction; released with max_new_tokens 128)"},
+    )
 
     def __post_init__(self) -> None:
         _at_least(self, "eval", batch_size=1, max_new_tokens=1)
+        if self.protocol not in ("loglik", "generate_extract"):
+            raise UserError("eval.protocol", f"expected loglik or generate_extract, got {self.protocol!r}")
 
 
 @dataclass
 class AlignConfig:
-    """Align-LoRA's alignment term (DESIGN.md section 3)."""
+    """Align-LoRA's alignment term (arXiv 2508.05078; docs/align_lora.md)."""
 
     loss: Literal["kl", "mmd"] = field(default="kl", metadata={"help": "A-LoRA-K (sym. KL) or A-LoRA-M (MMD)"})
     lam: float = field(default=0.2, metadata={"help": "weight lambda of the alignment loss (YAML key: lambda)"})
@@ -117,7 +127,10 @@ class AlignConfig:
     require_all_steps: bool = field(
         default=False, metadata={"help": "error (instead of skip+count) on a batch with fewer than 2 tasks"}
     )
-    eps: float = field(default=1e-5, metadata={"help": "variance floor"})
+    variance: Literal["biased", "unbiased"] = field(
+        default="biased", metadata={"help": "per-task variance: biased (1/n) or unbiased (1/(n-1), the released code)"}
+    )
+    eps: float = field(default=1e-5, metadata={"help": "variance floor (the released code: 1e-8)"})
     mmd_bandwidths: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
         metadata={"help": "log-spaced Gaussian bandwidths sigma of the MMD kernel sum"},
@@ -126,6 +139,11 @@ class AlignConfig:
         default=True, metadata={"help": "bandwidths multiply the mean pairwise squared distance (detached)"}
     )
     mmd_tokens_per_task: int = field(default=32, metadata={"help": "tokens per task per layer kept for MMD"})
+    mmd_kernel: Literal["pooled", "repo"] = field(
+        default="pooled",
+        metadata={"help": "pooled: token-pooled, subsampled, mmd_bandwidths; repo: the released A-LoRA-M kernel, "
+                  "19 absolute bandwidths 1e-6..1e6 between rows at the same position"},
+    )
 
     def __post_init__(self) -> None:
         if self.lam < 0:
@@ -136,11 +154,15 @@ class AlignConfig:
             raise UserError("align.mmd_bandwidths", "expected a non-empty list of positive numbers")
         if self.mmd_tokens_per_task < 2:
             raise UserError("align.mmd_tokens_per_task", "expected an integer >= 2")
+        if self.variance not in ("biased", "unbiased"):
+            raise UserError("align.variance", f"expected biased or unbiased, got {self.variance!r}")
+        if self.mmd_kernel not in ("pooled", "repo"):
+            raise UserError("align.mmd_kernel", f"expected pooled or repo, got {self.mmd_kernel!r}")
 
 
 @dataclass
 class MetaConfig:
-    """MeTA-LoRA's two-stage meta-learning (DESIGN.md section 4; docs/meta_lora.md).
+    """MeTA-LoRA's two-stage meta-learning (arXiv 2510.11598; docs/meta_lora.md).
 
     The paper gives no values; the defaults are ours: k=50 is the paper's smaller k-shot setting,
     split half support / half query (disjoint, so the query loss measures adaptation). 4+4 examples
@@ -151,7 +173,10 @@ class MetaConfig:
     outer step size independent of n.
     """
 
-    k: int = field(default=50, metadata={"help": "examples per task (k-shot: the first k of the train split)"})
+    k: int = field(default=50, metadata={"help": "examples per task (k-shot), drawn from the train split per seed"})
+    pool_seed: int | None = field(
+        default=None, metadata={"help": "seed of the k-shot draw (default: train.seed, so seeds vary the data)"}
+    )
     support_fraction: float = field(default=0.5, metadata={"help": "share of the k shots in the support pool"})
     support_size: int = field(default=4, metadata={"help": "support examples per task per meta-iteration"})
     query_size: int = field(default=4, metadata={"help": "query examples per task per meta-iteration"})
@@ -171,6 +196,8 @@ class MetaConfig:
                 raise UserError(f"meta.{name}", "expected an integer >= 1")
         if not 0 < self.support_fraction < 1:
             raise UserError("meta.support_fraction", "expected a number in (0, 1)")
+        if self.pool_seed is not None and self.pool_seed < 0:
+            raise UserError("meta.pool_seed", "expected an integer >= 0")
         if self.inner_lr <= 0 or self.outer_lr <= 0:
             raise UserError("meta.inner_lr" if self.inner_lr <= 0 else "meta.outer_lr", "expected a positive number")
 
@@ -196,8 +223,7 @@ class RunConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
+        get_method(self.method)  # an unknown method is a UserError listing the registered ones
         if not self.tasks:
             raise UserError("tasks", "expected at least one task")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device).strip().lower()):
@@ -211,12 +237,10 @@ class RunConfig:
 
     @property
     def adapter_type(self) -> str:
-        return ADAPTER_TYPE_OF_METHOD.get(self.method, self.method)
+        return get_method(self.method).adapter_type
 
     def adapter_config(self):
-        from mtlora.adapters import make_adapter_config
-
-        return make_adapter_config(self.adapter_type, **self.adapter)
+        return get_method(self.method).adapter_config(self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -226,26 +250,16 @@ class RunConfig:
 
 _YAML_RENAMES = {("align", "lambda"): "lam"}
 
-# Keys a method does not read, and what replaces each: setting one is an error, never a silent no-op.
-NOT_READ_BY_METHOD: dict[str, dict[str, str]] = {
-    "meta_lora": {
-        "train.lr": "meta.outer_lr",
-        "train.batch_size": "meta.support_size and meta.query_size",
-        "train.grad_accum": "meta.tasks_per_iter",
-        "train.epochs": "meta.iterations",
-        "train.max_steps": "meta.iterations",
-        "train.gradient_checkpointing": "nothing yet (MeTA-LoRA runs without it)",
-        "data.sampler": "meta.tasks_per_iter (tasks are drawn per meta-iteration)",
-        "data.tasks_per_batch": "meta.tasks_per_iter",
-    },
-}
-# Sections read by one method only.
-SECTION_METHOD = {"align": "align_lora", "meta": "meta_lora"}
+# Keys a method does not read, and what replaces each: setting one is an error, never a silent no-op;
+# sections read by one method only. Both come from the method registry.
+NOT_READ_BY_METHOD: dict[str, dict[str, str]] = {m: get_method(m).not_read for m in METHODS}
+SECTION_METHOD = {get_method(m).section: m for m in METHODS if get_method(m).section}
 # Keys read only under another key's value: (section, key) -> (key it depends on, that value, why).
 KEY_CONDITIONS = {
     ("align", "mmd_bandwidths"): ("loss", "mmd", "applies to align.loss=mmd only"),
     ("align", "mmd_relative"): ("loss", "mmd", "applies to align.loss=mmd only"),
     ("align", "mmd_tokens_per_task"): ("loss", "mmd", "applies to align.loss=mmd only"),
+    ("align", "mmd_kernel"): ("loss", "mmd", "applies to align.loss=mmd only"),
     ("train", "epochs"): ("max_steps", None, "is not read when train.max_steps is set (it overrides epochs); "
                                            "set one of them"),
 }

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from mtlora.data.collate import IGNORE_INDEX  # noqa: E402 (the labels' home)
 
 
 def launched_world_size() -> int:

@@ -126,10 +126,9 @@ def _device(model) -> torch.device:
 
 
 def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
+    from mtlora.data.collate import pad_id_of  # the one pad-id rule
+
+    return pad_id_of(tokenizer)
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -613,8 +612,12 @@ def evaluate(
     task_names: Sequence[str] | None = None,
     max_length: int | None = None,
     add_special_tokens: bool = False,
+    protocol: str = "loglik",
 ) -> EvalReport:
     """Score ``examples`` (multiple choice and/or open answer, any mix of tasks) and aggregate metrics.
+
+    ``protocol="generate_extract"`` scores every example instead as the papers' released scripts do
+    (instruction prompt, greedy generation, answer extraction: :mod:`mtlora.eval_protocols`).
 
     Runs under ``torch.inference_mode()`` with ``model.eval()``, restoring the training mode after.
     Every model call is wrapped in ``forward_context(task_ids=...)`` (ids from ``task_names``,
@@ -623,6 +626,18 @@ def evaluate(
     """
     examples = list(examples)
     ids = _task_id_map(examples, task_names)
+    if protocol != "loglik":
+        from mtlora.eval_protocols import generate_extract_predictions
+
+        if protocol != "generate_extract":
+            raise ValueError(f"protocol must be 'loglik' or 'generate_extract', got {protocol!r}")
+        with _EvalMode(model):
+            predictions = generate_extract_predictions(
+                model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                task_ids=ids, max_length=max_length,
+            )
+        meta = {"protocol": protocol, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "task_ids": ids}
+        return _build_report(examples, predictions, meta)
     mc_idx = [i for i, ex in enumerate(examples) if ex.choices is not None]
     gen_idx = [i for i, ex in enumerate(examples) if ex.choices is None]
     predictions: list[dict[str, Any]] = [{} for _ in examples]

@@ -1,8 +1,8 @@
-"""MeTA-LoRA: two-stage, data-efficient multi-task meta-learning of one shared LoRA (DESIGN.md §4).
+"""MeTA-LoRA: two-stage, data-efficient multi-task meta-learning of one shared LoRA (arXiv 2510.11598).
 
 ::
 
-    k-shot pools (first k train examples per task, hash order)
+    k-shot pools (k train examples per task, drawn per seed: meta.pool_seed, else train.seed)
         task t: [ support pool (k * support_fraction) | query pool (rest) ]
 
     theta = the model's LoRA weights (lora_A / lora_B of every adapted layer)
@@ -67,18 +67,22 @@ class TaskPools:
     query: list[Example]
 
 
-def kshot_pools(examples: Sequence[Example], meta: MetaConfig) -> list[TaskPools]:
-    """First ``k`` examples of every task (the order given: hash order), split support | query.
+def kshot_pools(examples: Sequence[Example], meta: MetaConfig, seed: int = 0) -> list[TaskPools]:
+    """``k`` examples of every task drawn with ``seed``, split support | query.
 
-    Support and query are disjoint so that the query gradient measures how well the adapted
-    theta_i generalises within the task, which is what the meta-update optimises.
+    The draw is per seed so that a seed spread includes data-selection variance (with one fixed
+    pool for every seed, k = 50 would measure one particular 50). Each task draws from its own
+    ``random.Random(f"kshot:{seed}:{task}")``: the pool of a task depends neither on the other
+    tasks nor on the torch RNG. Support and query are disjoint so that the query gradient measures
+    how well the adapted theta_i generalises within the task, which is what the meta-update optimises.
     """
+    from mtlora.data.tasks import kshot_sample
+
     by_task: dict[str, list[Example]] = {}
-    for ex in examples:
+    for ex in kshot_sample(examples, meta.k, seed):
         by_task.setdefault(ex.task, []).append(ex)
     pools = []
-    for task, exs in by_task.items():
-        shots = exs[: meta.k]
+    for task, shots in by_task.items():
         n_support = round(len(shots) * meta.support_fraction)
         support, query = shots[:n_support], shots[n_support:]
         if len(support) < meta.support_size or len(query) < meta.query_size:
@@ -316,12 +320,14 @@ class MetaSteps:
     description = "meta"
 
     def __init__(self, run, dist):
-        if dist.world_size > 1:
+        if dist.world_size > 1:  # the registry marks the method single-process; the CLI says so first
             raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
         if run.config.precision == "fp16":  # its inner SGD step on raw autograd.grad has no loss scale
             raise UserError("precision", "meta_lora trains in fp32 or bf16; fp16 needs a loss scaler its inner step lacks")
         self.run, self.meta, self.dist = run, run.config.meta, dist
-        self.sampler = MetaSampler(kshot_pools(run.train_examples, self.meta), self.meta, seed=run.config.train.seed)
+        seed = run.config.train.seed
+        pool_seed = seed if self.meta.pool_seed is None else self.meta.pool_seed
+        self.sampler = MetaSampler(kshot_pools(run.train_examples, self.meta, seed=pool_seed), self.meta, seed=seed)
         self.total = self.meta.iterations
         self.lr = self.meta.outer_lr
 
@@ -351,6 +357,4 @@ def train_meta(config: RunConfig, **kwargs) -> dict[str, Any]:
     """``mtlora.train.train`` for a ``method: meta_lora`` config (kept for callers that name it)."""
     from mtlora.train import train
 
-    if config.method != "meta_lora":
-        raise UserError("method", f"train_meta runs method=meta_lora, not {config.method!r}")
     return train(config, **kwargs)

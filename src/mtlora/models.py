@@ -15,13 +15,15 @@ import os
 import re
 import shutil
 import tempfile
-import types
 from pathlib import Path
 
 import torch
-from torch import nn
 
+# the adapters layer owns these (it must not import this module); re-exported for callers
+from mtlora.adapters.families import MODULE_NAMES, ROLES, TESTED_FAMILIES, map_target_modules  # noqa: F401
+from mtlora.adapters.precision import apply_precision, base_dtype  # noqa: F401
 from mtlora.errors import UserError
+from mtlora.paths import cache_dir  # noqa: F401 (re-exported)
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_ALIASES = {
@@ -40,9 +42,6 @@ def portable_name(name_or_path: str | Path) -> str:
     return HUB_NAMES.get(str(name_or_path), str(name_or_path))
 
 
-def cache_dir() -> Path:
-    """Where converted base models live; ``MTLORA_CACHE`` moves it."""
-    return Path(os.environ.get("MTLORA_CACHE", Path.home() / ".cache" / "mtlora"))
 
 
 def _package_file(package: str, filename: str) -> Path:
@@ -173,93 +172,3 @@ def resolve_precision(name: str) -> torch.dtype:
     if name not in PRECISIONS:
         raise UserError("precision", f"expected one of {list(PRECISIONS)}, got {name!r}")
     return PRECISIONS[name]
-
-
-def base_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the frozen base (its input embeddings), whatever dtype the adapters have."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.dtype
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
-
-
-def _autocast_forward(self, *args, **kwargs):
-    """A model's own forward under autocast to its base dtype (bound per instance: deepcopy-safe)."""
-    device = next(self.parameters()).device.type
-    with torch.autocast(device, dtype=self._mtlora_autocast_dtype):
-        return type(self).forward(self, *args, **kwargs)
-
-
-def apply_precision(model: nn.Module) -> nn.Module:
-    """Run the model's forward (and its decoder's) under autocast when the base is bf16/fp16.
-
-    Why autocast on top of a low-precision base: the frozen weights are stored in bf16/fp16 (half
-    the memory, the fast matmuls), while adapters stay fp32 master weights
-    (``inject_adapters`` creates them so); autocast runs each adapter matmul in the base dtype
-    against its fp32 weights, and its gradients land in fp32. The wrapper sits on ``forward``
-    itself, so everything *after* the model call (the fp32 cross-entropy, Align-LoRA's moment
-    statistics, MeTA's per-task losses) stays outside autocast, in fp32. Idempotent.
-    """
-    dtype = base_dtype(model)
-    if dtype not in (torch.bfloat16, torch.float16):
-        return model
-    modules = [model]
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    if isinstance(decoder, nn.Module) and decoder is not model:
-        modules.append(decoder)
-    for module in modules:
-        module._mtlora_autocast_dtype = dtype
-        if "forward" not in module.__dict__:
-            module.forward = types.MethodType(_autocast_forward, module)
-    return model
-
-
-# ------------------------------------------------------------------------------ module names per family
-
-# The papers name LoRA's targets by their Llama module names (LoRA, arXiv:2106.09685 section 4:
-# W_q, W_k, W_v, W_o; QLoRA, arXiv:2305.14314 section 4: every linear layer). Families that fuse or
-# rename those layers get the same roles here, so one config runs on any of them. A fused module
-# (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``, Phi-3's ``qkv_proj``) serves every role it
-# contains: asking for ``q_proj`` alone adapts the whole fused projection, as PEFT's own defaults do.
-ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LLAMA_NAMES = {role: (role,) for role in ROLES}
-MODULE_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": _LLAMA_NAMES,
-    "qwen2": _LLAMA_NAMES,
-    "mistral": _LLAMA_NAMES,
-    "gemma": _LLAMA_NAMES,
-    "phi3": {
-        "q_proj": ("qkv_proj",), "k_proj": ("qkv_proj",), "v_proj": ("qkv_proj",), "o_proj": ("o_proj",),
-        "gate_proj": ("gate_up_proj",), "up_proj": ("gate_up_proj",), "down_proj": ("down_proj",),
-    },
-    "gpt2": {
-        "q_proj": ("attn.c_attn",), "k_proj": ("attn.c_attn",), "v_proj": ("attn.c_attn",),
-        "o_proj": ("attn.c_proj",), "gate_proj": (), "up_proj": ("mlp.c_fc",), "down_proj": ("mlp.c_proj",),
-    },
-    "gpt_neox": {
-        "q_proj": ("attention.query_key_value",), "k_proj": ("attention.query_key_value",),
-        "v_proj": ("attention.query_key_value",), "o_proj": ("attention.dense",), "gate_proj": (),
-        "up_proj": ("mlp.dense_h_to_4h",), "down_proj": ("mlp.dense_4h_to_h",),
-    },
-}  # fmt: skip
-# Families the test suite runs every method on (tests/test_architectures.py).
-TESTED_FAMILIES = tuple(MODULE_NAMES)
-
-
-def map_target_modules(model_type: str | None, targets: list[str]) -> list[str]:
-    """The module names of ``model_type`` for a list of role names; other entries pass unchanged.
-
-    Unknown families keep the names as given (Llama's names are the common case), so a user
-    naming a family's own modules always gets exactly those.
-    """
-    table = MODULE_NAMES.get(model_type or "")
-    if table is None:
-        return list(targets)
-    out: list[str] = []
-    for target in targets:
-        for name in table.get(target, (target,)):
-            if name not in out:
-                out.append(name)
-    return out

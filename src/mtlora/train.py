@@ -48,12 +48,13 @@ from mtlora.config import RunConfig, save_config
 from mtlora.data.collate import TaskCollator
 from mtlora.data.example import Example
 from mtlora.data.samplers import MultiTaskBatchSampler, make_batch_sampler
-from mtlora.data.tasks import load_tasks
+from mtlora.data.tasks import kshot_sample, load_tasks
 from mtlora.distributed import Dist, seed_rank
 from mtlora.distributed import setup as setup_distributed
 from mtlora.errors import UserError
 from mtlora.fileio import atomic_write_dir, atomic_write_json
 from mtlora.interrupts import Interrupted, graceful_stop
+from mtlora.methods import LM_OBJECTIVE, get_method
 from mtlora.models import load_model, portable_name, resolve_device
 from mtlora.objectives import supervised_lm_loss
 from mtlora.progress import StepLog, truncate_metrics
@@ -134,11 +135,19 @@ def retain_freed_memory() -> bool:
     )
 
 
+def training_examples(config: RunConfig) -> list[Example]:
+    """The run's training set: the tasks' train splits, capped, and (``data.train_k_shot``) k per task."""
+    examples = load_tasks(config.tasks, "train", config.data.max_train_per_task)
+    if config.data.train_k_shot is not None:
+        examples = kshot_sample(examples, config.data.train_k_shot, config.train.seed)
+    return examples
+
+
 def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     """Load data first (cheap, catches user errors early), then the model, then inject adapters."""
     if config.train.retain_freed_memory:
         retain_freed_memory()
-    train_examples = load_tasks(config.tasks, "train", config.data.max_train_per_task)
+    train_examples = training_examples(config)
     eval_examples = load_tasks(config.tasks, "eval", config.data.max_eval_per_task)
     if not train_examples:
         raise UserError("tasks", "no training examples (check the task names and caps)")
@@ -165,10 +174,9 @@ def build_objective(config: RunConfig, *, num_tasks: int | None = None, reduce_f
     ``num_tasks``/``reduce_fn`` are Align-LoRA's data-parallel hooks: a fixed task count (so every
     rank's statistics have one shape) and the all-reduce of its per-task statistics.
     """
-    if config.method == "align_lora":
-        from mtlora.objectives.align import AlignObjective
-
-        return AlignObjective(config.align, num_tasks=num_tasks, reduce_fn=reduce_fn)
+    method = get_method(config.method)
+    if method.objective != LM_OBJECTIVE:  # a method's own objective: a factory of the run config
+        return method.load("objective")(config, num_tasks=num_tasks, reduce_fn=reduce_fn)
     if getattr(config.adapter_config(), "load_balance_coef", 0.0) > 0:
         return _with_router_balance(supervised_lm_loss)
     return supervised_lm_loss
@@ -309,6 +317,7 @@ def evaluate_run(run: Run, step: int, progress: bool) -> dict[str, Any]:
         max_new_tokens=run.config.eval.max_new_tokens,
         progress=progress,
         task_names=run.task_names,
+        protocol=run.config.eval.protocol,
     )
     return {"step": step, **report.to_dict()}
 
@@ -410,11 +419,7 @@ class GradientSteps:
 
 
 def procedure_for(config: RunConfig):
-    if config.method == "meta_lora":
-        from mtlora.meta import MetaSteps
-
-        return MetaSteps
-    return GradientSteps
+    return get_method(config.method).load("procedure")
 
 
 # Keys that may change on --resume: they do not alter the training trajectory (max_steps and
@@ -546,10 +551,9 @@ def train(
     elapsed = time.perf_counter() - start
     extra = {"world_size": dist.world_size, **procedure.extra()}
     summary = finish_run(run, state, out, elapsed, progress=progress, dist=dist, extra=extra)
-    if dist.is_main and config.method == "align_lora":
-        from mtlora.objectives.align import plot_align_history
-
-        plot_align_history(state.history, out / "align_history.png")
+    if dist.is_main:
+        for hook in get_method(config.method).hooks():  # e.g. Align-LoRA's loss plot
+            hook(run, state, out)
     dist.barrier()  # every rank returns once the outputs exist
     return summary
 

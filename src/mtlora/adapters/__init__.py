@@ -1,5 +1,6 @@
 """Adapters as plain functions over the modules of a stock transformers model."""
 
+from mtlora.adapters import multihead  # noqa: E402,F401 (registers HydraLoRA / R-LoRA / M-LoRA)
 from mtlora.adapters.context import ForwardContext, current_context, forward_context
 from mtlora.adapters.inject import (
     ADAPTER_TYPES,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mtlora.adapters.lora import ALL_LINEAR, LoraConfig, LoraLinear
+from mtlora.adapters.registry import ADAPTER_TYPES, register_adapter_type  # noqa: F401 (re-exported)
 from mtlora.errors import UserError
 
 
@@ -33,16 +34,11 @@ def _conv1d_class() -> type | None:
     return Conv1D
 
 # method name -> layer class (its ``config_class`` gives the config dataclass)
-ADAPTER_TYPES: dict[str, type[LoraLinear]] = {"lora": LoraLinear}
-
-
-def register_adapter_type(method: str, layer_class: type[LoraLinear]) -> None:
-    ADAPTER_TYPES[method] = layer_class
+ADAPTER_TYPES["lora"] = LoraLinear
 
 
 def make_adapter_config(method: str = "lora", **kwargs: Any) -> LoraConfig:
     """Build the config dataclass of ``method`` from keyword arguments, with clear errors."""
-    _ensure_builtin_types_registered()
     if method not in ADAPTER_TYPES:
         raise UserError("adapter.method", f"unknown adapter type {method!r}; expected one of {sorted(ADAPTER_TYPES)}")
     config_class = ADAPTER_TYPES[method].config_class
@@ -55,13 +51,6 @@ def make_adapter_config(method: str = "lora", **kwargs: Any) -> LoraConfig:
     return config_class(method=method, **kwargs)
 
 
-def _ensure_builtin_types_registered() -> None:
-    """Import the multi-head family so it registers itself (kept lazy to avoid import cycles)."""
-    try:
-        import mtlora.adapters.multihead  # noqa: F401
-    except ModuleNotFoundError as exc:  # the module is optional until it exists
-        if exc.name != "mtlora.adapters.multihead":
-            raise
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -119,7 +108,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     ``Conv1D``) except the output head. Raises a ``UserError`` when nothing matches, so a typo never
     trains an empty adapter.
     """
-    from mtlora.models import map_target_modules
+    from mtlora.adapters.families import map_target_modules
 
     if not isinstance(target_modules, str):
         target_modules = map_target_modules(getattr(getattr(model, "config", None), "model_type", None),
@@ -157,7 +146,6 @@ def inject_adapters(model: nn.Module, config: LoraConfig) -> nn.Module:
     config kept on ``model.mtlora_config`` for saving. Over a bf16/fp16 base the adapters are fp32
     and the model's forward runs under autocast (``_build_layer``, ``mtlora.models.apply_precision``).
     """
-    _ensure_builtin_types_registered()
     if getattr(model, "mtlora_config", None) is not None:
         raise ValueError("model already has adapters; load the base model again to inject new ones")
     layer_class = ADAPTER_TYPES[config.method]
@@ -175,7 +163,7 @@ def inject_adapters(model: nn.Module, config: LoraConfig) -> nn.Module:
     model.mtlora_config = config
     mark_only_adapters_trainable(model)
     if any(layer.base_layer.weight.dtype != layer.lora_A.weight.dtype for _, layer in adapter_layers(model)):
-        from mtlora.models import apply_precision
+        from mtlora.adapters.precision import apply_precision
 
         apply_precision(model)  # fp32 adapters over a bf16/fp16 base compute under autocast
     return model

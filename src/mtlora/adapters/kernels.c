@@ -134,7 +134,7 @@ void keep_mask(uint8_t *out, int64_t n, uint32_t k1, uint32_t k2, uint32_t drop1
 /* z for one row from its masked input xm: R accumulators of 16 lanes (registers), one pass over xm.
  * The portable path (no AVX-512; the odd last row): built with -mno-avx512f, r = 8 took 1.26 ms vs
  * 1.86 ms for forward_row_any at d = 1536 (0.46-0.61 vs 0.64 ms at 576), and BACKWARD_ROWS_R(8)
- * 1.7-2.0 vs 2.3-2.5 ms, 1024 rows, 1 thread (session 5, both sides still hashing the mask in each pass). */
+ * 1.7-2.0 vs 2.3-2.5 ms, 1024 rows, 1 thread (2026-11-28, both sides still hashing the mask in each pass). */
 #define FORWARD_ROW_R(R)                                                                                      \
     static void forward_row_##R(const float *a, const float *xm, int64_t d, float rescale, float *z) {        \
         float acc[R][16];                                                                                    \

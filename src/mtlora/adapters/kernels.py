@@ -66,7 +66,7 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    from mtlora.models import cache_dir
+    from mtlora.paths import cache_dir
 
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]

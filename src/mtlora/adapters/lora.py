@@ -238,7 +238,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     Why: with the frozen layer and the adapter as separate autograd nodes, backward forms the
     adapter's share of ``grad_x`` as its own ``tokens x d_in`` product and autograd then sums it
     with the frozen layer's: extra full-width passes per adapted layer. Measured:
-    ``fused_over_two_node`` 0.94-0.99 in ``benchmarks/train_step.py`` (session 5, with the C
+    ``fused_over_two_node`` 0.94-0.99 in ``benchmarks/train_step.py`` (2026-11-28, with the C
     kernels, which only this form uses; docs/performance.md). For float32 on CPU the C kernels
     (``kernels.py``) do the adapter's side: the forward forms ``A (x * m)`` with the dropout mask
     hashed from ``seed`` / ``drop16`` (``dropout_draw``; ``drop16 = 0``: no dropout, nothing hashed)

@@ -19,7 +19,7 @@ import torch
 
 from mtlora.data.example import Example
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of positions the loss skips (transformers' and torch's convention); the one definition
 
 
 def split_context(prompt: str, continuation: str) -> tuple[str, str]:

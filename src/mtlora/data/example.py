@@ -6,7 +6,10 @@ travel with the batch (never inferred from row order).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -37,3 +40,16 @@ class Example:
     @property
     def is_multiple_choice(self) -> bool:
         return self.choices is not None
+
+
+def summarize(examples: Iterable[Example]) -> dict[str, Any]:
+    """Counts for a list of examples: total, per task (first-seen order), multiple-choice vs open."""
+    examples = list(examples)
+    per_task = Counter(ex.task for ex in examples)
+    n_mc = sum(ex.is_multiple_choice for ex in examples)
+    return {
+        "n": len(examples),
+        "tasks": dict(per_task),
+        "multiple_choice": n_mc,
+        "open": len(examples) - n_mc,
+    }

@@ -1,4 +1,4 @@
-"""User task files: JSONL, one example a line (DESIGN.md section 9).
+"""User task files: JSONL, one example a line.
 
 Each non-blank line is a JSON object with
 
@@ -139,7 +139,7 @@ def check_task_file(path: str | Path) -> dict[str, Any]:
 
     Returns ``{"path", "n", "tasks": {task: n}, "multiple_choice": n, "open": n}``.
     """
-    from mtlora.data.tasks import summarize
+    from mtlora.data.example import summarize
 
     return {"path": str(path), **summarize(read_task_file(path))}
 

@@ -22,14 +22,13 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from mtlora.data.example import Example
+from mtlora.data.example import Example, summarize  # noqa: F401 (re-exported)
 from mtlora.errors import UserError
 
 Split = Literal["train", "eval", "all"]
@@ -403,6 +402,22 @@ def is_task_file(source: str | Path) -> bool:
     return p.suffix == ".jsonl" or p.is_file()
 
 
+def kshot_sample(examples: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """``k`` examples of every task, drawn with ``seed`` (tasks in first-seen order).
+
+    Each task draws from its own ``random.Random(f"kshot:{seed}:{task}")``, so a task's shots depend
+    neither on the other tasks nor on the torch RNG. MeTA-LoRA's k-shot pool and a plain LoRA
+    trained on "the same k examples" (``data.train_k_shot``) both come from here.
+    """
+    import random
+
+    by_task: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_task.setdefault(ex.task, []).append(ex)
+    return [ex for task, exs in by_task.items()
+            for ex in random.Random(f"kshot:{seed}:{task}").sample(exs, min(k, len(exs)))]
+
+
 PAIR_KEYS = ("name", "train", "eval")
 
 
@@ -510,14 +525,3 @@ def task_table() -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(examples: Iterable[Example]) -> dict[str, Any]:
-    """Counts for a list of examples: total, per task (first-seen order), multiple-choice vs open."""
-    examples = list(examples)
-    per_task = Counter(ex.task for ex in examples)
-    n_mc = sum(ex.is_multiple_choice for ex in examples)
-    return {
-        "n": len(examples),
-        "tasks": dict(per_task),
-        "multiple_choice": n_mc,
-        "open": len(examples) - n_mc,
-    }

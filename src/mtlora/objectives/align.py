@@ -1,4 +1,4 @@
-"""Align-LoRA: align the task representations in the shared adapter space (DESIGN.md section 3).
+"""Align-LoRA: align the task representations in the shared adapter space (arXiv 2508.05078).
 
 ::
 
@@ -36,6 +36,12 @@ Defects of the released trainer that this module avoids, one by one:
 4. *bf16 kernels, per-position statistics that include padding.* Statistics are fp32 and
    token-pooled over non-padding tokens by default (``statistics: per_position`` is the option).
 
+The released losses stay available as options, padding masked and in fp32 (tested against a port
+of ``custom.py`` in ``tests/align_repo_port.py``): A-LoRA-K's statistics are ``statistics:
+per_position, variance: unbiased, eps: 1e-8``; A-LoRA-M's kernel is ``mmd_kernel: repo``
+(:func:`mmd_loss_per_position`, 19 absolute bandwidths over rows at the same position), where the
+default is token-pooled, subsampled and relative to the mean distance (:func:`mmd_loss`).
+
 Data parallelism: statistics are additive (sum, sum of squares, count), computed locally, then
 passed through ``reduce_fn`` (identity by default) before the loss is formed. Plug in a
 differentiable all-reduce (``torch.distributed.nn.functional.all_reduce``) and fix ``num_tasks``
@@ -46,20 +52,20 @@ task-balanced sampler interleaves rows, so every rank's slice holds all k tasks)
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.config import AlignConfig
 from mtlora.errors import UserError
 from mtlora.objectives.lm import supervised_hidden
+
+if TYPE_CHECKING:
+    from mtlora.config import AlignConfig
 
 __all__ = [
     "AlignObjective",
@@ -67,6 +73,7 @@ __all__ = [
     "capture_features",
     "inter_task_kl",
     "mmd_loss",
+    "mmd_loss_per_position",
     "pair_reduce",
     "plot_align_history",
     "symmetric_kl",
@@ -90,16 +97,19 @@ class TaskStats:
     layer_of_channel: torch.Tensor
     n_layers: int
 
-    def gaussians(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means and floored variances (biased, ``E[x^2] - E[x]^2``); empty groups give mean 0.
+    def gaussians(self, eps: float, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means and floored variances (``E[x^2] - E[x]^2``, times ``n/(n-1)`` when ``unbiased``, as
+        the released code's ``torch.var``); empty groups give mean 0.
 
         Formed in fp64 (tensors of size K x C, so free): ``E[x^2] - E[x]^2`` cancels badly in fp32
         when the spread is small next to the mean, as with few rows per position.
         """
         n = self.count.clamp_min(1).unsqueeze(-1).double()
         mu = self.sum.double() / n
-        var = (self.sumsq.double() / n - mu * mu).clamp_min(0.0) + eps
-        return mu, var
+        var = (self.sumsq.double() / n - mu * mu).clamp_min(0.0)
+        if unbiased:  # groups of one row count as absent (pairs need >= 2 rows), so n - 1 >= 1 where used
+            var = var * n / (n - 1).clamp_min(1)
+        return mu, var + eps
 
 
 ReduceFn = Callable[[TaskStats], TaskStats]
@@ -195,9 +205,11 @@ def _present_pairs(count: torch.Tensor, min_count: int = 2) -> tuple[torch.Tenso
     return present[i], present[j]
 
 
-def kl_from_stats(stats: TaskStats, reduction: str = "mean", eps: float = 1e-5) -> torch.Tensor | None:
+def kl_from_stats(
+    stats: TaskStats, reduction: str = "mean", eps: float = 1e-5, unbiased: bool = False
+) -> torch.Tensor | None:
     """Mean over layers of the pair-reduced symmetric KL; ``None`` when fewer than two tasks."""
-    mu, var = stats.gaussians(eps)
+    mu, var = stats.gaussians(eps, unbiased)
     if stats.count.dim() == 1:  # pooled: (K, C)
         i, j = _present_pairs(stats.count)
         if i.numel() == 0:
@@ -232,6 +244,7 @@ def inter_task_kl(
     statistics: str = "pooled",
     reduction: str = "mean",
     eps: float = 1e-5,
+    unbiased: bool = False,
     num_tasks: int | None = None,
     reduce_fn: ReduceFn | None = None,
 ) -> torch.Tensor:
@@ -242,7 +255,7 @@ def inter_task_kl(
     the logged "mean inter-task distance". Raises ``ValueError`` with fewer than two tasks.
     """
     stats = task_statistics(features, task_ids, mask, num_tasks, statistics)
-    kl = kl_from_stats((reduce_fn or _identity)(stats), reduction, eps)
+    kl = kl_from_stats((reduce_fn or _identity)(stats), reduction, eps, unbiased)
     if kl is None:
         raise ValueError(f"need at least two tasks with >= 2 tokens each; task ids {task_ids.tolist()}")
     return kl
@@ -329,6 +342,60 @@ def mmd_loss(
     return torch.cat(per_layer).mean()
 
 
+# The released A-LoRA-M kernel (Align-LoRA's custom.py, MMD_Trainer.sigmas); sigma enters as exp(-d2 / (2 sigma)).
+REPO_MMD_BANDWIDTHS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4, 1e5, 1e6)
+
+
+def mmd_loss_per_position(
+    features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+    task_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bandwidths: Sequence[float] = REPO_MMD_BANDWIDTHS,
+    reduction: str = "mean",
+) -> torch.Tensor | None:
+    """The released A-LoRA-M loss: MMD^2 between tasks' rows at the *same position*, averaged over positions.
+
+    ``custom.py`` takes features ``(N, S, r)`` per task, a kernel ``sum_s exp(-||x_bt - y_ct||^2 / (2 sigma_s))``
+    over row pairs at each position ``t`` with 19 fixed absolute bandwidths, and the biased
+    ``mean k(X,X) + mean k(Y,Y) - 2 mean k(X,Y)`` over (rows, rows, positions). Kept here: the
+    kernel, the bandwidths, the per-position pairing and the means. Changed: fp32 instead of bf16,
+    rows grouped by ``task_ids`` (not by chunking the batch), padding masked (a position counts for
+    a pair where both tasks have a real token there). Returns ``None`` with fewer than two tasks.
+    """
+    feats = _as_list(features)
+    if not feats:
+        raise ValueError("no adapter features")
+    b, t = feats[0].shape[:2]
+    device = feats[0].device
+    m = torch.ones(b, t, device=device) if mask is None else mask.to(device=device, dtype=torch.float32)
+    tasks = torch.unique(task_ids).tolist()
+    if len(tasks) < 2:
+        return None
+    onehot = (task_ids.to(device).view(-1, 1) == torch.tensor(tasks, device=device)).float()  # (B, K)
+    w = torch.einsum("bk,bt->tbk", onehot, m)  # (T, B, K): row b counts for task k at position t
+    n = w.sum(1)  # (T, K)
+    i, j = torch.triu_indices(len(tasks), len(tasks), offset=1, device=device)
+    valid = ((n[:, i] > 0) & (n[:, j] > 0)).float()  # (T, P)
+    n_valid = valid.sum(0)  # (P,)
+    if not bool((n_valid > 0).any()):
+        return None
+    wn = w / n.clamp_min(1).unsqueeze(1)  # column k averages over task k's rows at t
+    beta = 1.0 / (2.0 * torch.tensor(list(bandwidths), dtype=torch.float32, device=device))
+    per_layer = []
+    for f in feats:
+        z = f.float().transpose(0, 1)  # (T, B, r)
+        sq = (z * z).sum(-1)
+        d2 = torch.baddbmm(sq.unsqueeze(-1) + sq.unsqueeze(-2), z, z.transpose(-1, -2), alpha=-2.0).clamp_min(0.0)
+        kern = sum(torch.exp(-d2 * beta[s_]) for s_ in range(beta.numel()))  # (T, B, B)
+        kbar = wn.transpose(1, 2) @ kern @ wn  # (T, K, K)
+        diag = torch.diagonal(kbar, dim1=-2, dim2=-1)
+        mmd2 = diag[:, i] + diag[:, j] - 2.0 * kbar[:, i, j]  # (T, P)
+        per_pair = (mmd2 * valid).sum(0)[n_valid > 0] / n_valid[n_valid > 0]
+        per_layer.append(pair_reduce(per_pair, reduction))
+    return torch.stack(per_layer).mean()
+
+
 # --- capture -------------------------------------------------------------------------------------
 def capture_features(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Run the decoder once and return ``{layer name: A drop(x)}`` (for held-out measurements)."""
@@ -404,11 +471,15 @@ class AlignObjective:
         task_ids, mask = batch["task_ids"], batch["attention_mask"]
         n_tasks = int(torch.unique(task_ids).numel())
         stats = self.reduce_fn(task_statistics(feats, task_ids, mask, self.num_tasks, cfg.statistics))
-        kl = kl_from_stats(stats, cfg.reduction, cfg.eps)
+        kl = kl_from_stats(stats, cfg.reduction, cfg.eps, cfg.variance == "unbiased")
         if kl is None:
             return self._skip(lm_loss, n_tasks, task_ids)
         if cfg.loss == "kl":
             align = kl
+        elif cfg.mmd_kernel == "repo":
+            align = mmd_loss_per_position(feats, task_ids, mask, reduction=cfg.reduction)
+            if align is None:
+                return self._skip(lm_loss, n_tasks, task_ids)
         else:
             align = mmd_loss(
                 feats,
@@ -450,6 +521,16 @@ class AlignObjective:
 
 
 # --- plot -----------------------------------------------------------------------------------------
+def make_objective(config, *, num_tasks: int | None = None, reduce_fn=None) -> AlignObjective:
+    """Align-LoRA's objective from a run config (the method registry's factory)."""
+    return AlignObjective(config.align, num_tasks=num_tasks, reduce_fn=reduce_fn)
+
+
+def plot_after_training(run, state, out) -> None:
+    """Align-LoRA's after-training hook (``mtlora.methods``): the loss plot beside the adapter."""
+    plot_align_history(state.history, out / "align_history.png")
+
+
 def plot_align_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Plot lm_loss, align_loss and inter_task_kl per optimiser step into a PNG, written atomically.
 
@@ -475,13 +556,7 @@ def plot_align_history(history: Sequence[Mapping[str, Any]], path: str | Path) -
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from mtlora.fileio import atomic_write_with
+
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path

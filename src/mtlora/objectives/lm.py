@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.adapters.context import forward_context
-
-IGNORE_INDEX = -100
+from mtlora.data.collate import IGNORE_INDEX  # noqa: E402,F401 (the labels' home; re-exported)
 
 
 def supervised_hidden(model: nn.Module, batch: dict[str, torch.Tensor], **context) -> tuple[torch.Tensor, torch.Tensor]:

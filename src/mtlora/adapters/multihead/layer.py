@@ -11,27 +11,46 @@
                        └─► [drop_i] ─► z_i = s * w_i * drop_i(phi)    (..., N, r)  ──┤
                                         one matmul of z (..., N*r) with B_flat (d_out, N*r)
 
-    h = W0 x + s * sum_i w_i(x) * B_i drop_i(A x)        B = stack(B_1..B_N): (N, d_out, r)
+    h = W0 x + s * sum_i w_i(x) * B_i drop_i(A x)  - s * offset_B offset_A x     B = stack(B_1..B_N)
+        (offset: zero_init "offset" with random heads only; its r columns join the same matmul)
 
     hydralora: one dropout mask on x (before A), learned router, A kaiming, B_i = 0, W_r kaiming
     rlora:     A x computed once, an independent mask per head on the r-dim A x, learned router
-               (sees the un-dropped x), multi-head random init, W_r = 0 (uniform start)
+               (sees the un-dropped x), multi-head random init + frozen offset, W_r = 0 (uniform start)
     mlora:     rlora without router: w_i = 1/N (combine="mean") or 1 (combine="sum")
 
 Why the router weights are folded in *before* the B contraction: ``sum_i w_i B_i z_i`` equals
 ``B_flat @ concat_i(w_i z_i)``, so all heads are one GEMM of inner size ``N*r`` (the same FLOPs as
 a single LoRA of rank ``N*r``) and the ``(..., N, d_out)`` per-head outputs are never materialised.
 
-Multi-head random init (R-LoRA Table 1, gamma = 64), ``c = d_out^(1/4) / sqrt(gamma)``:
-``A ~ c N(0, 1/d_in)``, ``B_i ~ c N(0, 1/d_out)`` independently per head, then the heads are
-mean-centred (``B_i -= mean_j B_j``). With uniform initial weights (zero router, M-LoRA mean, or
-sum) ``sum_i w_i B_i = w * sum_i (B_i - mean B) = 0``: the initial update is zero in exact
-arithmetic, with no offset kept outside the adapter (the released code shifts W0 instead, and does
-not save the shift). In fp32 the centred heads sum to a rounding residue (~1e-8 of a head's size),
-so logits at step 0 equal the base model's to ~1e-6, not bit for bit; an explicit frozen offset
-would leave the same residue (it is subtracted after a different sum). Zero-B inits (``lora``,
-``hydra``) give an exactly zero update. In training mode with per-head dropout the masks differ per
-head, so the update at step 0 is zero only in expectation (``E drop_i(phi) = phi``).
+Multi-head random init (R-LoRA, arXiv:2502.15455, gamma = 64), ``c = m^(1/4) / sqrt(gamma)``
+with ``m`` the rank as the released ``reinit.py`` computes it (``scale_dim: d_out`` gives LoRA-GA's
+``d_out^(1/4)``). ``init_scale: paper`` draws ``A ~ c N(0, 1/d_in)`` and every ``B_i ~ c N(0, 1/d_out)``
+with a zero router; ``init_scale: repo`` transcribes ``reinit.py``: the factor is multiplied in
+inside the head loop (A ends at ``c^N``, head i at ``c^(N-i)``) and the router keeps its kaiming
+init, so the router weights, and with them the initial update, depend on the input.
+
+Random heads make ``sum_i w_i B_i A`` non-zero at step 0. Two ways to start from the base model
+(``zero_init``):
+
+- ``offset`` (default, as ``reinit.py``): keep the heads as drawn and subtract the frozen
+  ``s * (sum_i w0_i B_i^0) A^0`` (``w0``: the fixed weights, or 1/N for a router, as the repo's
+  mean). It is held as two low-rank buffers (``offset_B`` (d_out, r), ``offset_A`` (r, d_in)) on the
+  un-dropped ``x``, saved with the adapter and folded in at merge, instead of being written into W0
+  (the repo's shift is lost when only the adapter is saved). ``sum_i w_i B_i`` stays the mean head,
+  so A's gradient is non-zero from the first step.
+- ``center``: ``B_i -= mean_j B_j``. With uniform initial weights ``sum_i w_i B_i = 0``, so A's
+  gradient at init is ~0 (its signal only arrives once B has moved): "B learns, A frozen" at the
+  start, a different training dynamics from the authors' code. Kept as an ablation.
+
+Either way the initial update is zero only up to fp32 rounding (logits ~1e-6 from the base's on tiny
+models) and only for input-independent initial weights; zero-B inits (``lora``, ``hydra``) give an
+exactly zero update. In training mode with per-head dropout the masks differ per head, so the update
+at step 0 is zero only in expectation (``E drop_i(phi) = phi``).
+
+Dropout: ``input`` (R-LoRA's HydraLoRA baseline: one mask on x shared by the heads), ``per_head``
+(R-LoRA: a mask per head on the r-dim A x), ``input_per_head`` (the original HydraLoRA code: its
+head loop calls ``lora_dropout(x)``, a separate mask on x per head, so N projections of x).
 """
 
 from __future__ import annotations
@@ -51,7 +70,9 @@ from mtlora.errors import UserError
 METHODS = ("hydralora", "rlora", "mlora")
 INITS = ("lora", "hydra", "multihead")
 INIT_SCALES = ("paper", "repo")
-DROPOUT_MODES = ("input", "per_head")
+SCALE_DIMS = ("rank", "d_out")
+ZERO_INITS = ("offset", "center")
+DROPOUT_MODES = ("input", "per_head", "input_per_head")
 COMBINES = ("mean", "sum")
 
 
@@ -71,20 +92,32 @@ class MultiHeadLoraConfig(LoraConfig):
     init_scale: str = field(
         default="paper",
         metadata={
-            "help": "multihead init scale: paper (c = d_out^0.25/sqrt(gamma) for A and every head) or "
-            "repo (the released code: the factor compounds per head, head i drawn at c^(i+1))"
+            "help": "multihead init scale: paper (one factor c for A and every head, zero router) or repo "
+            "(a transcription of R-LoRA's reinit.py: c compounds in the head loop, A at c^N, head i at "
+            "c^(N-i), kaiming router)"
+        },
+    )
+    scale_dim: str = field(
+        default="rank",
+        metadata={
+            "help": "m of c = m^(1/4)/sqrt(gamma): rank (R-LoRA's reinit.py) or d_out (LoRA-GA's "
+            "convention); init_scale: repo needs rank"
         },
     )
     gamma: float = field(default=64.0, metadata={"help": "gamma of the multihead init scale"})
-    center_heads: bool = field(
-        default=True,
-        metadata={"help": "mean-centre randomly drawn heads so the initial update is zero (R-LoRA init)"},
+    zero_init: str = field(
+        default="offset",
+        metadata={
+            "help": "how random heads start from the base model: offset (subtract the frozen initial update, "
+            "saved with the adapter, as reinit.py) or center (B_i -= mean B_j; A's gradient at init ~0)"
+        },
     )
     dropout_mode: str | None = field(
         default=None,
         metadata={
-            "help": "input (one mask on x, HydraLoRA) or per_head (independent mask per head on A x, "
-            "R-LoRA/M-LoRA). Default: the method's"
+            "help": "input (one mask on x, R-LoRA's HydraLoRA baseline), per_head (independent mask per head "
+            "on A x, R-LoRA/M-LoRA) or input_per_head (a mask on x per head, HydraLoRA's code). "
+            "Default: input for hydralora, per_head otherwise"
         },
     )
     combine: str = field(default="mean", metadata={"help": "M-LoRA head combination: mean or sum"})
@@ -112,6 +145,8 @@ class MultiHeadLoraConfig(LoraConfig):
         for name, allowed in (
             ("init", INITS),
             ("init_scale", INIT_SCALES),
+            ("scale_dim", SCALE_DIMS),
+            ("zero_init", ZERO_INITS),
             ("dropout_mode", DROPOUT_MODES),
             ("combine", COMBINES),
         ):
@@ -121,6 +156,8 @@ class MultiHeadLoraConfig(LoraConfig):
                 )
         if not self.gamma > 0:
             raise UserError("adapter.gamma", f"expected a positive number, got {self.gamma!r}")
+        if self.init_scale == "repo" and self.scale_dim != "rank":
+            raise UserError("adapter.scale_dim", "expected rank with init_scale: repo (reinit.py uses the rank)")
         if self.head_weights is not None:
             if self.method == "mlora":
                 raise UserError("adapter.head_weights", "expected none for mlora (set combine: mean or sum)")
@@ -159,6 +196,7 @@ class MultiHeadLoraLinear(LoraLinear):
         n, r, d_in, d_out = config.num_heads, self.r, self.in_features, self.out_features
         self.method = config.method
         self.num_heads = n
+        self.dropout_mode = config.dropout_mode
         self.per_head_dropout = config.dropout_mode == "per_head"
         self.dropout_p = config.dropout
         self.load_balance_coef = config.load_balance_coef
@@ -173,6 +211,10 @@ class MultiHeadLoraLinear(LoraLinear):
             self.register_buffer(
                 "head_weights", torch.tensor(fixed, dtype=torch.float32, device=w.device), persistent=False
             )
+        # frozen initial update s * offset_B offset_A, subtracted on the un-dropped x (zero_init: offset)
+        has_offset = config.init == "multihead" and config.zero_init == "offset"
+        self.register_buffer("offset_A", torch.zeros(r, d_in, device=w.device, dtype=w.dtype) if has_offset else None)
+        self.register_buffer("offset_B", torch.zeros(d_out, r, device=w.device, dtype=w.dtype) if has_offset else None)
         # not parameters: the last load-balancing loss (training only) and an optional analysis probe
         self.last_aux_loss: torch.Tensor | None = None
         self.router_probe: list[torch.Tensor] | None = None
@@ -180,24 +222,51 @@ class MultiHeadLoraLinear(LoraLinear):
 
     @torch.no_grad()
     def _reset_heads(self, config: MultiHeadLoraConfig) -> None:
-        if config.init == "multihead":
-            c = self.out_features**0.25 / math.sqrt(config.gamma)
-            nn.init.normal_(self.lora_A.weight, std=c / math.sqrt(self.in_features))
-            std = torch.full((self.num_heads,), c / math.sqrt(self.out_features), dtype=torch.float64)
-            if config.init_scale == "repo":  # the factor is multiplied into a running scale per head
-                std = std * torch.tensor([c**i for i in range(self.num_heads)], dtype=torch.float64)
-            heads = torch.randn(self.lora_B.shape, dtype=torch.float64) * std[:, None, None]
-            if config.center_heads:
-                heads -= heads.mean(0, keepdim=True)  # centred in fp64, rounded once to the param dtype
-            self.lora_B.copy_(heads)
-        else:
+        if config.init != "multihead":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             self.lora_B.zero_()
-        if self.router is not None:
-            if config.init == "hydra":
-                nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
-            else:
+            if self.router is not None:
+                if config.init == "hydra":
+                    nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+                else:
+                    nn.init.zeros_(self.router.weight)
+            return
+        if config.init_scale == "repo":
+            self._reinit_repo(config.gamma)
+        else:
+            m = self.r if config.scale_dim == "rank" else self.out_features
+            c = m**0.25 / math.sqrt(config.gamma)
+            nn.init.normal_(self.lora_A.weight, std=c / math.sqrt(self.in_features))
+            heads = torch.randn(self.lora_B.shape, dtype=torch.float64) * (c / math.sqrt(self.out_features))
+            self.lora_B.copy_(heads)
+            if self.router is not None:
                 nn.init.zeros_(self.router.weight)  # uniform 1/N at the start
+        if self.lora_B.is_meta:  # a shape-only model (parameter counting): there are no values to shift
+            return
+        heads = self.lora_B.double()
+        if config.zero_init == "center":
+            self.lora_B.copy_(heads - heads.mean(0, keepdim=True))  # centred in fp64, rounded once
+        else:
+            fixed = self.head_weights
+            w0 = torch.full((self.num_heads,), 1.0 / self.num_heads, dtype=torch.float64) if fixed is None else fixed
+            self.offset_A.copy_(self.lora_A.weight)
+            self.offset_B.copy_(torch.einsum("n,nor->or", w0.to(heads), heads))
+
+    def _reinit_repo(self, gamma: float) -> None:
+        """R-LoRA's ``reinit_lora_modules`` (``lora_A_init = lora_B_init = "unit"``, ``init_scale =
+        "stable"``), statement for statement, so the RNG draws and the compounding match: the scale
+        block sits inside the head loop, multiplying A and every head once per head. The router
+        keeps R-LoRA's layer init (kaiming-uniform, drawn here after the heads)."""
+        m_b, n_b = self.out_features, self.r  # lora_B{i}.weight.shape
+        m_a, n_a = self.lora_A.weight.shape
+        nn.init.normal_(self.lora_A.weight, mean=0.0, std=1.0 / (max(m_a, n_a) ** 0.5))
+        for i in range(self.num_heads):
+            nn.init.normal_(self.lora_B[i], mean=0.0, std=1.0 / (max(m_b, n_b) ** 0.5))
+            self.lora_A.weight.mul_((m_a**0.25) / gamma**0.5)
+            for j in range(self.num_heads):
+                self.lora_B[j].mul_((n_b**0.25) / gamma**0.5)
+        if self.router is not None:
+            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
 
     # --- router ---------------------------------------------------------------------------------
     def router_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,22 +290,32 @@ class MultiHeadLoraLinear(LoraLinear):
             raise UserError(
                 self.name, "stacked per-example adapters are plain-LoRA only; got a multi-head layer"
             )
-        per_head = self.per_head_dropout and self.training and self.dropout_p > 0
-        # HydraLoRA: one mask on x. R-LoRA/M-LoRA: A sees x, masks come per head below.
-        keep, rescale = (None, 1.0) if self.per_head_dropout else self.lora_dropout.keep_mask(x)
-        phi = project_kept(x, keep, self.lora_A.weight)  # (..., r), computed once
-        if rescale != 1.0:
-            phi = phi * rescale
-        if ctx.capture is not None:
-            ctx.capture.append((self.name, phi))
+        dropping = self.training and self.dropout_p > 0
+        per_head = self.per_head_dropout and dropping
+        per_head_x = self.dropout_mode == "input_per_head" and dropping
         w = self.router_weights(x)
         if self.router is not None:
             if self.router_probe is not None:
                 self.router_probe.append(w.detach())
             if self.load_balance_coef > 0 and self.training:
                 self.last_aux_loss = self._load_balance_loss(w)
+        if per_head_x:  # HydraLoRA's code: every head projects its own dropped copy of x
+            xs = F.dropout(x.unsqueeze(-2).expand(*x.shape[:-1], self.num_heads, x.shape[-1]), self.dropout_p)
+            z = xs @ self.lora_A.weight.T  # (..., N, r)
+            phi = z.mean(-2)  # what capture sees: the heads' mean input to B
+        else:
+            # input: one mask on x. per_head: A sees x, masks come per head below.
+            keep, rescale = (None, 1.0) if self.dropout_mode != "input" else self.lora_dropout.keep_mask(x)
+            phi = project_kept(x, keep, self.lora_A.weight)  # (..., r), computed once
+            if rescale != 1.0:
+                phi = phi * rescale
+        if ctx.capture is not None:
+            ctx.capture.append((self.name, phi))
         w = (w * self.scaling).to(phi.dtype)
-        if self.router is None and not per_head:  # fixed weights, shared phi: one (d_out, r) matrix
+        if per_head_x:
+            z = (z * w.unsqueeze(-1)).flatten(-2)
+            b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
+        elif self.router is None and not per_head:  # fixed weights, shared phi: one (d_out, r) matrix
             z, b = phi, torch.einsum("n,nor->or", w, self.lora_B)
         else:
             z = phi.unsqueeze(-2).expand(*phi.shape[:-1], self.num_heads, self.r)
@@ -244,6 +323,9 @@ class MultiHeadLoraLinear(LoraLinear):
                 z = F.dropout(z, self.dropout_p, training=True)
             z = (z * w.unsqueeze(-1)).flatten(-2)  # fold the router weights in before the B contraction
             b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
+        if self.offset_A is not None:  # minus the frozen initial update, in the same GEMM
+            z = torch.cat([z, (x @ self.offset_A.T.to(x.dtype)) * -self.scaling], dim=-1)
+            b = torch.cat([b, self.offset_B.to(b.dtype)], dim=-1)
         if base is None:
             return F.linear(z, b)
         return add_low_rank(base, z, b, 1.0)
@@ -258,16 +340,22 @@ class MultiHeadLoraLinear(LoraLinear):
         return None
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * (sum_i w_i B_i) A`` for fixed head weights (exact: no per-head dropout at inference)."""
+        """``s * ((sum_i w_i B_i) A - offset_B offset_A)`` for fixed head weights (exact: no dropout at inference)."""
         if self.router is not None:
             raise UserError(self.name, f"cannot form a dense update: {self.can_merge()}")
         b = torch.einsum("n,nor->or", self.head_weights.to(self.lora_B.dtype), self.lora_B)
-        return (b @ self.lora_A.weight) * self.scaling
+        delta = b @ self.lora_A.weight
+        if self.offset_A is not None:
+            delta = delta - self.offset_B @ self.offset_A
+        return delta * self.scaling
 
     def extra_repr(self) -> str:
         router = "learned" if self.router is not None else "fixed"
-        dropout = "per_head" if self.per_head_dropout else "input"
-        return f"{self.method}, heads={self.num_heads}, r={self.r}, scaling={self.scaling:g}, router={router}, dropout={dropout}"
+        offset = ", offset" if self.offset_A is not None else ""
+        return (
+            f"{self.method}, heads={self.num_heads}, r={self.r}, scaling={self.scaling:g}, router={router}, "
+            f"dropout={self.dropout_mode}{offset}"
+        )
 
 
 def router_aux_loss(model: nn.Module) -> torch.Tensor | None:

@@ -2,7 +2,8 @@
 
 - Head similarity (R-LoRA Fig. 1/5, HydraLoRA's head analysis): per adapted layer, the pairwise
   cosine similarity of the flattened heads ``B_i`` (d_out x r). Weights only: no model, no data.
-  Note: mean-centred random heads (R-LoRA init) start with an expected cosine of ``-1/(N-1)``,
+  Note: R-LoRA's random heads start near-orthogonal (expected cosine 0) with ``zero_init: offset``
+  (the default) and at an expected ``-1/(N-1)`` with ``zero_init: center`` (mean-centred);
   zero-initialised heads (HydraLoRA) start undefined (all zero, reported as 0).
 - Router weights (HydraLoRA's "heads specialise per task"): the mean router probability of each
   head over the non-padding tokens of each task's examples, per layer. Needs the base model and a
@@ -13,7 +14,7 @@ Outputs (``analyze_adapter``): ``head_similarity.csv`` (layer, head_i, head_j, c
 ``head_similarity.md`` (per-layer mean/max off-diagonal), ``head_similarity.png`` (heat map: layers x
 head pairs, and the layer-averaged N x N matrix), and with task data ``router_weights.csv`` (task,
 layer, head, weight), ``router_weights.png`` (tasks x heads, averaged over layers), plus
-``summary.json``. Entry point without the CLI: ``python -m mtlora.adapters.multihead.analysis``.
+``summary.json``. Entry point without the CLI: ``python -m mtlora.analysis``.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def analyze_adapter(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Typer-free entry: ``python -m mtlora.adapters.multihead.analysis ADAPTER [--out DIR] [--task T]``."""
+    """Typer-free entry: ``python -m mtlora.analysis ADAPTER [--out DIR] [--task T]``."""
     ap = argparse.ArgumentParser(
         description="head similarity and per-task router weights of a multi-head adapter"
     )
