@@ -78,6 +78,8 @@ def step(model, opt, ids) -> tuple[float, float]:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - w0, time.process_time() - c0
 
 
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=None, help="timed steps per variant (default 5, the minimum)"
     )
+    ap.add_argument("--model", default="smollm2-135m", help="alias or local Hugging Face model folder")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument(
@@ -128,9 +132,9 @@ def main() -> None:
     torch.manual_seed(0)
     models, opts, sizes = {}, {}, {}
     for v in VARIANTS:
-        models[v], tok = load_model()
+        models[v], tok = load_model(args.model, device=args.device)
         opts[v], sizes[v] = build(v, models[v])
-    ids = torch.randint(0, len(tok), (args.batch, args.seq))
+    ids = torch.randint(0, len(tok), (args.batch, args.seq), device=next(models["lora"].parameters()).device)
     print(
         f"SmolLM2-135M, batch {args.batch} x {args.seq}, targets {'/'.join(TARGETS)}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {steps} timed steps per variant"

@@ -2,6 +2,12 @@
 
     python benchmarks/train_step.py            # SmolLM2-135M, r=8, all linear layers, 8 x 128 tokens
     python benchmarks/train_step.py --quick    # fewer repetitions
+    python benchmarks/train_step.py --device cuda --precision bf16
+
+``--precision bf16|fp16`` loads every variant's frozen base in that dtype and runs its forward under
+autocast (``mtlora.models.apply_precision``); the adapters stay fp32 master weights, in ours and in
+PEFT's (its default ``autocast_adapter_dtype``), as a PEFT user's bf16 loop under autocast would.
+In bf16 the one-node layer never applies (its fast path is fp32 only), so ``two_node`` equals ours.
 
 Same configuration for all variants: LoRA r=8, alpha=16, dropout 0.05 on every linear layer but
 the LM head; a batch of 8 rows x 128 tokens whose last ``--answer-tokens`` tokens of each row are
@@ -43,7 +49,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--no-retain", action="store_true", help="glibc's default malloc settings")
     args = parser.parse_args()
     reps = 5 if args.quick else args.reps
@@ -52,7 +59,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from mtlora.adapters import LoraLinear, inject_adapters, make_adapter_config, trainable_parameters
-    from mtlora.models import load_model
+    from mtlora.models import load_model, resolve_device
     from mtlora.objectives import supervised_lm_loss
     from mtlora.train import retain_freed_memory
 
@@ -60,21 +67,22 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    load = {"device": device, "precision": args.precision}
 
-    ours, tok = load_model(args.model)
+    ours, tok = load_model(args.model, **load)
     inject_adapters(ours, make_adapter_config("lora", r=8, alpha=16, dropout=args.dropout, target_modules="all-linear"))
-    base_for_peft, _ = load_model(args.model)
+    base_for_peft, _ = load_model(args.model, **load)
     peft_model = peft.get_peft_model(
         base_for_peft, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear")
     )
     # the same adapters without the one-node layer (``_FusedLoraLinear``): what fusing it buys
-    two_node, _ = load_model(args.model)
+    two_node, _ = load_model(args.model, **load)
     inject_adapters(two_node, make_adapter_config("lora", r=8, alpha=16, dropout=args.dropout, target_modules="all-linear"))
     for module in two_node.modules():
         if isinstance(module, LoraLinear):
             module._fusable = lambda x: False
-    floor, _ = load_model(args.model)
+    floor, _ = load_model(args.model, **load)
     for p in floor.parameters():
         p.requires_grad_(False)
     floor.enable_input_require_grads()  # backward runs through the whole frozen network
@@ -127,6 +135,7 @@ def main() -> None:
 
     print(f"SmolLM2 step: batch {args.batch} x {args.seq} tokens, {args.answer_tokens} answer tokens/row, "
           f"LoRA r=8 dropout {args.dropout} all-linear ({n_ours:,} trainable), {reps} interleaved reps, device {device}, "
+          f"precision {args.precision}, "
           f"{torch.get_num_threads()} threads, freed memory retained: {retained}")
     print(f"{'variant':<9} {'median s':>10} {'min s':>10} {'max s':>10}")
     for name in models:
@@ -137,6 +146,8 @@ def main() -> None:
         "fused_over_two_node": round(med["ours"] / med["two_node"], 4),
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "dropout": args.dropout,
+        "device": str(device),
+        "precision": args.precision,
         "threads": torch.get_num_threads(),
         "retain_freed_memory": retained,
     }

@@ -52,6 +52,34 @@ def tasks_command() -> None:
     console.print(table)
 
 
+@app.command("models")
+def models_command(
+    model: Annotated[str | None, typer.Argument(help="a local HF model folder: list its adaptable modules")] = None,
+) -> None:
+    """Which module names each tested model family uses for LoRA's target roles (q_proj ... down_proj)."""
+    from mtlora.models import MODULE_NAMES, ROLES
+
+    table = Table(title="target_modules roles per family (each tested with every method)")
+    groups = (("q_proj, k_proj, v_proj", ROLES[:3]), *((role, (role,)) for role in ROLES[3:]))
+    for col, _ in (("family", ()), *groups):
+        table.add_column(col, overflow="fold")
+    for family, names in MODULE_NAMES.items():
+        cells = [", ".join(dict.fromkeys(n for role in roles for n in names[role])) or "-" for _, roles in groups]
+        table.add_row(family, *cells)
+    console.print(table)
+    console.print("Fused modules serve every role they contain; `all-linear` adapts every linear layer "
+                  "(GPT-2's Conv1D included) except the output head.")
+    if model is not None:
+        from mtlora.adapters import find_target_modules
+        from mtlora.models import load_model
+
+        _quiet_libraries()
+        lm, _ = load_model(model)
+        found = find_target_modules(lm, "all-linear")
+        console.print(f"{model} ({lm.config.model_type}): {len(found)} adaptable modules: "
+                      f"{sorted({n.rsplit('.', 1)[-1] for n in found})}")
+
+
 @data_app.command("check")
 def data_check(file: Annotated[Path, typer.Argument(help="a JSONL task file")]) -> None:
     """Validate a JSONL task file without loading a model; print its size and task counts."""
@@ -128,6 +156,8 @@ def eval_command(
     max_new_tokens: Annotated[int, typer.Option(help="for open-answer tasks")] = 16,
     output: Annotated[Path | None, typer.Option(help="write metrics JSON here")] = None,
     progress: Annotated[bool, typer.Option()] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
 ) -> None:
     """Evaluate the base model or an adapter: acc / acc_norm (multiple choice), exact match (open)."""
     from mtlora.data.tasks import load_tasks
@@ -142,6 +172,9 @@ def eval_command(
     if output is not None:
         _check_writable_file(output)
     examples = load_tasks(tasks, split, max_per_task)
+    from mtlora.models import resolve_device, resolve_precision
+
+    resolve_device(device), resolve_precision(precision)  # bad values fail before the model loads
     if not examples:
         raise UserError(" ".join(map(str, tasks)), f"no examples in the {split!r} split; try --split all")
     _quiet_libraries()
@@ -149,14 +182,15 @@ def eval_command(
     if adapter is not None:
         from mtlora.train import load_trained
 
-        lm, tokenizer, extra = load_trained(adapter, base=None if model == "smollm2-135m" else model)
+        lm, tokenizer, extra = load_trained(adapter, base=None if model == "smollm2-135m" else model,
+                                            device=device, precision=precision)
         task_names = extra.get("task_names")
         if task_names and not {ex.task for ex in examples} <= set(task_names):
             task_names = None  # unseen tasks: ids only matter to task-aware adapters, which say so
     else:
         from mtlora.models import load_model
 
-        lm, tokenizer = load_model(model)
+        lm, tokenizer = load_model(model, device=device, precision=precision)
     from mtlora.evaluate import NonFiniteScoreError
 
     try:
@@ -248,6 +282,63 @@ def bench_cli(
                          command=command)
     if code:
         sys.exit(code)
+
+
+@app.command("generate")
+def generate_command(
+    source: Annotated[str, typer.Argument(help="an adapter folder, or a base model alias / HF folder")],
+    prompt: Annotated[str | None, typer.Option(help="one prompt")] = None,
+    file: Annotated[Path | None, typer.Option(help='JSONL prompts: {"prompt": ..., "task": ...} per line')] = None,
+    task: Annotated[str | None, typer.Option(help="task name for task-aware adapters (default for --file lines)")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; > 0: sampling")] = 0.0,
+    chat: Annotated[bool, typer.Option(help="wrap prompts in the tokenizer's chat template")] = False,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    base: Annotated[str | None, typer.Option(help="base model of an adapter (default: the adapter's)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
+) -> None:
+    """Complete prompts with an adapter or a model: greedy by default, batched over a prompts file (JSONL out)."""
+    from mtlora.generate import Prompt, generate, load_for_generation, read_prompts
+    from mtlora.models import resolve_device, resolve_precision
+
+    if (prompt is None) == (file is None):
+        raise UserError("generate", "expected exactly one of --prompt TEXT or --file prompts.jsonl")
+    prompts = [Prompt(prompt)] if prompt is not None else read_prompts(file)
+    resolve_device(device), resolve_precision(precision)  # bad values fail before the model loads
+    _quiet_libraries()
+    model, tokenizer, task_names = load_for_generation(source, base=base, device=device, precision=precision)
+    texts = generate(model, tokenizer, prompts, task=task, task_names=task_names, max_new_tokens=max_new_tokens,
+                     temperature=temperature, batch_size=batch_size, chat=chat, seed=seed)
+    if prompt is not None:
+        print(texts[0])
+        return
+    for p, text in zip(prompts, texts, strict=True):
+        print(json.dumps({"prompt": p.text, "task": p.task or task, "completion": text}))
+
+
+@app.command("export")
+def export_command(
+    adapter: Annotated[Path, typer.Argument(help="a trained adapter folder")],
+    out: Annotated[Path, typer.Argument(help="the folder to write")],
+    merge: Annotated[bool, typer.Option(help="fold the adapter into the base: a full HF model folder")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 weights in the export")] = "fp32",
+    base: Annotated[str | None, typer.Option(help="base model to merge into (default: the adapter's)")] = None,
+    base_name: Annotated[str | None, typer.Option(help="base model name written into the export (e.g. a Hub id)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier export in OUT")] = False,
+) -> None:
+    """Export an adapter: a clean PEFT folder with a model card, or (--merge) a merged full model."""
+    import shlex
+
+    from mtlora.export import export
+
+    _quiet_libraries()
+    command = shlex.join(["mtlora", "export", str(adapter), str(out), *(["--merge"] if merge else []),
+                          *(["--dtype", dtype] if dtype != "fp32" else [])])
+    path = export(adapter, out, merge=merge, dtype=dtype, base=base, base_name=base_name, overwrite=overwrite,
+                  command=command)
+    console.print(f"{'merged model' if merge else 'adapter'}: {path}")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ A config file names the command that runs it in its header, e.g. ``# mtlora trai
 Every key is checked: an unknown key, a wrong type or a bad value is a ``UserError`` naming the
 file, the line (when the key is in the file) and the dotted key, never a silent default.
 
-Sections: top level (model, method, tasks, output_dir), ``adapter`` (the method's adapter
+Sections: top level (model, method, tasks, output_dir, device, precision), ``adapter`` (the method's adapter
 config, validated by ``mtlora.adapters.make_adapter_config``), ``data``, ``train``, ``eval``, and the
 method-specific ``align`` (Align-LoRA) and ``meta`` (MeTA-LoRA).
 """
@@ -211,6 +211,10 @@ class RunConfig:
         metadata={"help": "built-in names, .jsonl files (hash-split into train/eval) or {name, train, eval} pairs"},
     )
     output_dir: str = "runs/default"
+    device: str = field(default="auto", metadata={"help": "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata={"help": "frozen base dtype (autocast); adapters and optimiser state stay fp32"}
+    )
     adapter: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -222,6 +226,8 @@ class RunConfig:
         get_method(self.method)  # an unknown method is a UserError listing the registered ones
         if not self.tasks:
             raise UserError("tasks", "expected at least one task")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device).strip().lower()):
+            raise UserError("device", f"expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         from mtlora.data.tasks import check_task_source
 
         for source in self.tasks:

@@ -84,6 +84,8 @@ class Dist:
     accelerator: Any = None
     stats_group: Any = None
     wrapped: Any = None  # the DDP/FSDP/DeepSpeed-wrapped ObjectiveModule, once wrap() ran
+    local_device: torch.device | None = None  # one process: the config's device (batches go there)
+    scaler: Any = None  # the trainer's torch.amp.GradScaler (enabled for fp16 only)
     _weight: float = 1.0
 
     @property
@@ -92,8 +94,10 @@ class Dist:
 
     @property
     def device(self) -> torch.device | None:
-        """Where batches go (None: leave them where the collator put them, the 1-process path)."""
-        return self.accelerator.device if self.accelerator is not None else None
+        """Where batches go (None: leave them where the collator put them, on the CPU)."""
+        if self.accelerator is not None:
+            return self.accelerator.device
+        return None if self.local_device is None or self.local_device.type == "cpu" else self.local_device
 
     # -- collectives -------------------------------------------------------------------------
     def barrier(self) -> None:
@@ -196,7 +200,10 @@ class Dist:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``; through Accelerate when distributed (DeepSpeed's engine needs that)."""
+        """``loss.backward()``; through Accelerate when distributed (DeepSpeed's engine needs that).
+        With fp16, ``scaler`` (the trainer's ``GradScaler``) scales the loss first."""
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
         if self.accelerator is None:
             loss.backward()
         else:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -291,6 +292,50 @@ def _score_batch_packed(model, encs: list[_Encoded], task_ids: torch.Tensor, pad
     return result
 
 
+_PACKING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packing_supported(model) -> bool:
+    """Whether ``model`` scores a packed row (4-D block mask + explicit position ids) exactly.
+
+    Not every family honours a custom 4-D float mask (GPT-2 under transformers 5 builds its own
+    causal mask and gets a different answer; flash-attention kernels take no mask at all), and
+    nothing in a config says so reliably. So a one-row probe decides, once per model: a prompt of
+    two tokens and two two-token choices, scored packed and per choice. A mismatch beyond rounding,
+    or an exception, means no packing. The result is cached per model object.
+    """
+    cached = _PACKING.get(model)
+    if cached is not None:
+        return cached
+    if getattr(model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        ok = False
+    else:
+        vocab = int(getattr(model.config, "vocab_size", 8) or 8)
+        probe = [_Encoded(ctx=[1 % vocab, 2 % vocab], conts=[[3 % vocab, 4 % vocab], [5 % vocab, 6 % vocab]])]
+        tids = torch.zeros(1, dtype=torch.long, device=_device(model))
+        low = next(model.parameters()).dtype not in (torch.float32, torch.float64)
+        try:
+            with _EvalMode(model):
+                packed = _score_batch_packed(model, probe, tids, 0)[0]
+                single = _score_batch_per_choice(model, probe, tids, 0)[0]
+            ok = all(abs(a - b) <= (5e-2 if low else 1e-3) for a, b in zip(packed, single, strict=True))
+        except Exception:  # noqa: BLE001 - any failure of the packed call means: do not pack
+            ok = False
+    _PACKING[model] = ok
+    return ok
+
+
+def _fallback_method(model) -> str:
+    """``kv_cache`` where the model takes a cache and explicit positions, else ``per_choice``."""
+    return "kv_cache" if "past_key_values" in _forward_params(model) or "cache" in _forward_params(model) else "per_choice"
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
 class _EvalMode:
     """``model.eval()`` + ``torch.inference_mode()`` for the block; restores the previous training mode."""
 
@@ -348,8 +393,8 @@ def _score_mc(
     # Longest first (like lm-eval): similar lengths share a batch, so little padding, and an
     # out-of-memory error shows up on the first batch rather than the last.
     order = sorted(range(len(encs)), key=lambda i: -(len(encs[i].ctx) + max(map(len, encs[i].conts))))
-    if method == "shared" and getattr(model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
-        method = "kv_cache"  # e.g. flash-attention kernels take no custom 4D mask: share through the cache
+    if method == "shared" and not packing_supported(model):
+        method = _fallback_method(model)  # e.g. flash-attention, or a family that ignores 4-D masks
     score_batch = {
         "shared": _score_batch_packed, "kv_cache": _score_batch_kv_cache, "per_choice": _score_batch_per_choice
     }[method]

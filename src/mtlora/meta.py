@@ -322,7 +322,9 @@ class MetaSteps:
     def __init__(self, run, dist):
         if dist.world_size > 1:  # the registry marks the method single-process; the CLI says so first
             raise UserError("method", "meta_lora trains in one process; data parallelism covers the other methods")
-        self.run, self.meta = run, run.config.meta
+        if run.config.precision == "fp16":  # its inner SGD step on raw autograd.grad has no loss scale
+            raise UserError("precision", "meta_lora trains in fp32 or bf16; fp16 needs a loss scaler its inner step lacks")
+        self.run, self.meta, self.dist = run, run.config.meta, dist
         seed = run.config.train.seed
         pool_seed = seed if self.meta.pool_seed is None else self.meta.pool_seed
         self.sampler = MetaSampler(kshot_pools(run.train_examples, self.meta, seed=pool_seed), self.meta, seed=seed)
@@ -334,8 +336,8 @@ class MetaSteps:
 
     def gradients(self, step: int) -> dict[str, float]:
         episodes = self.sampler.sample()
-        support = collate_slots(self.run.collator, [s for s, _ in episodes])
-        query = collate_slots(self.run.collator, [q for _, q in episodes])
+        support = self.dist.to_device(collate_slots(self.run.collator, [s for s, _ in episodes]))
+        query = self.dist.to_device(collate_slots(self.run.collator, [q for _, q in episodes]))
         stats = meta_gradients(self.run.model, support, query, self.meta)
         if not torch.isfinite(stats["meta_loss"]):
             raise TrainingDiverged(f"meta loss is {stats['meta_loss'].item()} at iteration {step}")

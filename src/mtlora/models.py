@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+# the adapters layer owns these (it must not import this module); re-exported for callers
+from mtlora.adapters.families import MODULE_NAMES, ROLES, TESTED_FAMILIES, map_target_modules  # noqa: F401
+from mtlora.adapters.precision import apply_precision, base_dtype  # noqa: F401
 from mtlora.errors import UserError
 from mtlora.paths import cache_dir  # noqa: F401 (re-exported)
 
@@ -95,17 +99,76 @@ def resolve_model(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer (pad token defaults to EOS), in eval mode."""
+def load_model(
+    name_or_path: str | Path = DEFAULT_MODEL,
+    dtype: torch.dtype | None = None,
+    *,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+):
+    """Load a causal LM and its tokenizer (pad token defaults to EOS), in eval mode.
+
+    ``precision`` (fp32, bf16, fp16) sets the frozen base's dtype and its autocast
+    (``apply_precision``); ``device`` (auto, cpu, cuda, cuda:N, mps) where it lives. Both default
+    to fp32 on the CPU, the behaviour before these options existed.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if precision is not None:
+        dtype = resolve_precision(precision)
+    target = resolve_device(device or "cpu")
     path = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise UserError(path, f"could not load a causal LM from this folder ({exc.__class__.__name__}: {exc})") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if target.type != "cpu":
+        model.to(target)
+    apply_precision(model)
     model.eval()
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------- device, precision
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device this
+    machine lacks is a ``UserError`` (one line, exit 2), never a fallback to another device."""
+    if isinstance(name, torch.device):
+        return name
+    key = str(name).strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if key == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    if key == "mps":
+        if not has_mps:
+            raise UserError("device", "mps requested but this machine has no MPS device (Apple GPU)")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", key)
+    if match is None:
+        raise UserError("device", f"expected one of {list(DEVICES)}, got {name!r}")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+        raise UserError("device", f"{key} requested but this machine has no CUDA device ({build}); use device=cpu or auto")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError("device", f"{key} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(key if match.group(1) else "cuda")
+
+
+def resolve_precision(name: str) -> torch.dtype:
+    if name not in PRECISIONS:
+        raise UserError("precision", f"expected one of {list(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]

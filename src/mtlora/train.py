@@ -55,7 +55,7 @@ from mtlora.errors import UserError
 from mtlora.fileio import atomic_write_dir, atomic_write_json
 from mtlora.interrupts import Interrupted, graceful_stop
 from mtlora.methods import LM_OBJECTIVE, get_method
-from mtlora.models import load_model, portable_name
+from mtlora.models import load_model, portable_name, resolve_device
 from mtlora.objectives import supervised_lm_loss
 from mtlora.progress import StepLog, truncate_metrics
 
@@ -157,7 +157,9 @@ def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
         if unevaluated and rank == 0:
             print(f"warning: no held-out eval rows for task(s) {', '.join(unevaluated)} (too few distinct "
                   "examples for the hash split); give a {name, train, eval} pair to evaluate them", file=sys.stderr)
-    model, tokenizer = load_model(config.model)
+    # several processes: load on the CPU, Accelerate places each rank's replica on its own device
+    model, tokenizer = load_model(config.model, device="cpu" if world_size > 1 else config.device,
+                                  precision=config.precision)
     seed_everything(config.train.seed)  # adapter init depends on the seed only
     inject_adapters(model, config.adapter_config())
     collator = TaskCollator(tokenizer, task_names, config.data.max_length)
@@ -243,6 +245,8 @@ def save_checkpoint(
     }
     if dist.world_size > 1:
         trainer_state["rng_per_rank"] = rng_per_rank
+    if dist.scaler is not None and dist.scaler.is_enabled():  # fp16: the loss scale resumes where it was
+        trainer_state["scaler"] = dist.scaler.state_dict()
     if not dist.is_main and not dist.sharded:
         return
 
@@ -265,7 +269,7 @@ def load_checkpoint(
     state_file = ckpt / STATE_FILE
     hint = "the checkpoint cannot be resumed; start the run again with --overwrite"
     try:
-        saved = torch.load(state_file, weights_only=False)
+        saved = torch.load(state_file, weights_only=False, map_location="cpu")  # any device resumes it
     except Exception as exc:  # truncated, corrupt, or not a torch file: unpickling raises many types
         raise UserError(state_file, f"unreadable ({type(exc).__name__}: {str(exc)[:80]}); {hint}") from None
     needed = ("step", "optimizer", "scheduler", "sampler", "rng", "history", "evals")
@@ -275,8 +279,10 @@ def load_checkpoint(
         raise UserError(ckpt / ADAPTER_DIR, f"missing; {hint}")
     load_adapter_weights(run.model, ckpt / ADAPTER_DIR)
     try:
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
         scheduler.load_state_dict(saved["scheduler"])
+        if dist.scaler is not None and "scaler" in saved:
+            dist.scaler.load_state_dict(saved["scaler"])
     except (ValueError, KeyError) as exc:
         raise UserError(state_file, f"optimiser state does not fit this run's adapter ({exc}); {hint}") from None
     try:
@@ -457,7 +463,12 @@ def train(
     checked. Under ``accelerate launch`` every process calls this; rank 0 writes, logs and evaluates.
     A SIGINT/SIGTERM ends the current step, writes a checkpoint and raises ``Interrupted``.
     """
+    device = resolve_device(config.device)  # a device this machine lacks: one line, before any output
     dist = setup_distributed()
+    if dist.world_size == 1:
+        dist.local_device = device
+    # fp16 needs a loss scale (its range underflows small gradients); bf16 and fp32 do not
+    dist.scaler = scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     out = Path(config.output_dir)
     plan = rundir.check(out, resume=resume, overwrite=overwrite)  # every rank checks, before any wait
     if resume:
@@ -508,12 +519,14 @@ def train(
                 except TrainingDiverged as exc:
                     raise TrainingDiverged(f"{exc}; stopped before the optimiser step. The last good checkpoint "
                                            f"is in {out / rundir.CHECKPOINT_DIR}") from None
+                scaler.unscale_(optimizer)  # no-op but for fp16: clip and log the true gradient
                 if tcfg.max_grad_norm is not None:
                     norm = dist.clip_grad_norm_(theta, tcfg.max_grad_norm)
                     if norm is not None:
                         logs["grad_norm"] = norm
                 logs["lr"] = scheduler.get_last_lr()[0]
-                optimizer.step()  # on theta: the adapter (MeTA-LoRA: the shared LoRA, not the theta_i)
+                scaler.step(optimizer)  # on theta: the adapter (MeTA-LoRA: the shared LoRA, not the theta_i);
+                scaler.update()  # fp16: a step whose gradients overflowed is skipped and the scale shrinks
                 scheduler.step()
                 state.step += 1
                 logs["step_seconds"] = time.perf_counter() - step_start
@@ -545,10 +558,12 @@ def train(
     return summary
 
 
-def load_trained(adapter_dir: str | Path, base: str | None = None):
+def load_trained(adapter_dir: str | Path, base: str | None = None, *, device: str | None = None,
+                 precision: str | None = None):
     """Base model + a saved adapter, ready for evaluation (the base is read from the adapter)."""
     _, extra = read_adapter_config(adapter_dir)  # validates before the model is loaded
-    model, tokenizer = load_model(base or extra.get("base_model") or "smollm2-135m")
+    model, tokenizer = load_model(base or extra.get("base_model") or "smollm2-135m", device=device,
+                                  precision=precision)
     _, extra = load_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer, extra

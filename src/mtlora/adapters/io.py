@@ -22,7 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtlora.adapters.inject import adapter_state_dict, inject_adapters, make_adapter_config
+from mtlora.adapters.inject import (
+    adapter_state_dict,
+    inject_adapters,
+    make_adapter_config,
+    uses_fan_in_fan_out,
+)
 from mtlora.adapters.lora import LoraConfig
 from mtlora.errors import UserError
 from mtlora.fileio import atomic_write_dir, atomic_write_text
@@ -42,8 +47,8 @@ def peft_type_of(config: LoraConfig) -> str:
             "Load it with mtlora (mtlora.train.load_trained / mtlora eval --adapter)")
 
 
-def peft_config_dict(config: LoraConfig, base_model: str | None) -> dict:
-    """The adapter_config.json content: PEFT's LoraConfig fields."""
+def peft_config_dict(config: LoraConfig, base_model: str | None, fan_in_fan_out: bool = False) -> dict:
+    """The adapter_config.json content: PEFT's LoraConfig fields (``fan_in_fan_out``: GPT-2's Conv1D)."""
     targets = config.target_modules
     return {
         "peft_type": peft_type_of(config),
@@ -55,7 +60,7 @@ def peft_config_dict(config: LoraConfig, base_model: str | None) -> dict:
         "use_rslora": config.use_rslora,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -74,7 +79,7 @@ def save_adapter(model: nn.Module, path: str | Path, extra: dict[str, Any] | Non
         raise ValueError("model has no adapters to save")
     state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     local = getattr(getattr(model, "config", None), "_name_or_path", None)
-    peft_cfg = peft_config_dict(config, base_model_name or local)
+    peft_cfg = peft_config_dict(config, base_model_name or local, uses_fan_in_fan_out(model))
     ours = {"adapter": config.to_dict(), **(extra or {})}
     if base_model_name and local and base_model_name != local:
         ours["base_model_path"] = local

@@ -273,7 +273,8 @@ class MultiHeadLoraLinear(LoraLinear):
         """Per-token head weights ``softmax(W_r x)`` in fp32, (..., N); fixed weights (N,) if no router."""
         if self.router is None:
             return self.head_weights
-        logits = F.linear(x.float(), self.router.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp32 under a bf16/fp16 autocast too
+            logits = F.linear(x.float(), self.router.weight.float())
         return torch.softmax(logits, dim=-1)
 
     def _load_balance_loss(self, probs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,204 @@
+"""``mtlora export``: hand a trained adapter to another stack.
+
+- ``export ADAPTER OUT --merge [--dtype bf16]``: the adapter folded into the base weights, saved as
+  a plain Hugging Face model folder that stock ``AutoModelForCausalLM.from_pretrained(OUT)`` loads
+  (GPT-2's ``Conv1D`` layers come back as ``Conv1D``). Merging is exact for plain LoRA (and
+  Align-LoRA / MeTA-LoRA, which train one) and for multi-head adapters with fixed head weights
+  (M-LoRA, ``head_weights``); a learned token router (HydraLoRA, R-LoRA) makes the update depend
+  on the input, so that is refused with the reason. The merge runs in fp32 and is rounded to
+  ``--dtype`` once at the end.
+- ``export ADAPTER OUT``: a clean PEFT folder (``adapter_config.json`` + weights, nothing of ours)
+  for plain-LoRA-format adapters, with the base model named portably (a Hub id for the built-in
+  alias, never this machine's cache path).
+
+Both write a model card (``README.md``: base model, method, tasks, the run's metrics, the commands)
+and ``mtlora_export.json``, the marker that lets ``--overwrite`` replace an earlier export and
+nothing else. The folder is written atomically (temporary folder + rename, the umask's modes).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, read_adapter_config
+from mtlora.errors import UserError
+from mtlora.models import HUB_NAMES
+
+MARKER = "mtlora_export.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def portable_base_name(base: str | None, override: str | None = None) -> str | None:
+    """A base-model name that means the same on another machine: ``override``, a Hub id for our
+    aliases, a name that is not a local path as it is, else the local folder's name."""
+    if override:
+        return override
+    if base is None:
+        return None
+    if base in HUB_NAMES:
+        return HUB_NAMES[base]
+    path = Path(base).expanduser()
+    if path.is_absolute() or path.exists() or base.startswith((".", "~")):
+        return path.name
+    return base
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(out, "output exists and is not empty; pass --overwrite to replace an earlier export")
+        if not (out / MARKER).is_file():
+            raise UserError(out, f"not an mtlora export (no {MARKER}); refusing to replace a folder this tool did not create")
+
+
+def _run_files(adapter_dir: Path) -> tuple[dict | None, Path | None]:
+    """The training run's ``results.json`` and ``config.yaml`` beside the adapter (``OUTPUT_DIR/adapter``)."""
+    results, config = None, None
+    for folder in (adapter_dir, adapter_dir.parent):
+        if results is None and (folder / "results.json").is_file():
+            try:
+                results = json.loads((folder / "results.json").read_text())
+            except json.JSONDecodeError:
+                results = None
+        if config is None and (folder / "config.yaml").is_file():
+            config = folder / "config.yaml"
+    return results, config
+
+
+def _metrics_table(results: dict | None) -> str:
+    evals = (results or {}).get("evals") or []
+    if not evals:
+        return "No evaluation was found beside the adapter (`results.json` of the training run).\n"
+    last = evals[-1]
+    lines = ["| task | metric | n | score (%) |", "|---|---|---|---|"]
+    for task, metrics in sorted(last.get("per_task", {}).items()):
+        for metric in ("acc", "acc_norm", "exact_match"):
+            if metric in metrics:
+                lines.append(f"| {task} | {metric} | {int(metrics.get('n', 0))} | {100 * metrics[metric]:.1f} |")
+    macro = last.get("macro", {})
+    if "primary" in macro:
+        lines.append(f"| macro | primary | {macro.get('n_tasks', '')} | {100 * macro['primary']:.1f} |")
+    return f"Evaluated at step {last.get('step', '?')} of the training run (`mtlora eval`'s metrics):\n\n" + "\n".join(lines) + "\n"
+
+
+def model_card(*, base_name: str | None, method: str, tasks: list[str], results: dict | None, merged: bool,
+               dtype: str, train_command: str | None, export_command: str | None) -> str:
+    library = "transformers" if merged else "peft"
+    front = ["---", f"library_name: {library}"]
+    if base_name:
+        front.append(f"base_model: {base_name}")
+    front += ["tags:", *(f"- {tag}" for tag in dict.fromkeys(["mtlora", method, "lora"])), "---", ""]
+    kind = "the base model with the adapter merged into its weights" if merged else "a LoRA adapter (PEFT format)"
+    load = (
+        '```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("PATH")\n```\n'
+        if merged else
+        f'```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n'
+        f'base = AutoModelForCausalLM.from_pretrained("{base_name or "BASE_MODEL"}")\n'
+        f'model = PeftModel.from_pretrained(base, "PATH")\n```\n'
+    )
+    body = [
+        f"# {method} fine-tune{f' of {base_name}' if base_name else ''}",
+        "",
+        f"This folder holds {kind}, trained with mtlora.",
+        "",
+        f"- base model: {base_name or 'unknown'}",
+        f"- method: {method}",
+        f"- tasks: {', '.join(tasks) if tasks else 'unknown'}",
+        f"- weights: {dtype}",
+        "",
+        "## Metrics",
+        "",
+        _metrics_table(results),
+        "## How it was made",
+        "",
+        f"Training: `{train_command}` (the run's config is `training_config.yaml`)." if train_command
+        else "Training: the run's config was not found beside the adapter.",
+        "",
+        f"Export: `{export_command}`." if export_command else "",
+        "",
+        "## Load it",
+        "",
+        load,
+    ]
+    return "\n".join(front + body)
+
+
+def export(
+    adapter_dir: str | Path,
+    out: str | Path,
+    *,
+    merge: bool = False,
+    dtype: str = "fp32",
+    base: str | None = None,
+    base_name: str | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> Path:
+    """Write the export of ``adapter_dir`` to ``out`` (see the module doc); returns ``out``."""
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    if dtype not in DTYPES:
+        raise UserError("--dtype", f"expected one of {list(DTYPES)}, got {dtype!r}")
+    config, extra = read_adapter_config(adapter_dir)
+    method = extra.get("method", config.method)
+    if not merge and config.method != "lora":
+        raise UserError(
+            adapter_dir,
+            f"{config.method} adapters have no PEFT equivalent (several B heads per layer); export --merge "
+            "works where merging is exact (mlora, fixed head_weights), otherwise run them with mtlora",
+        )
+    _check_out(out, overwrite)
+    results, config_file = _run_files(adapter_dir)
+    tasks = list(extra.get("task_names") or [])
+    portable = portable_base_name(base or extra.get("base_model"), base_name)
+    train_command = "mtlora train training_config.yaml" if config_file is not None else None
+    card = model_card(base_name=portable, method=method, tasks=tasks, results=results, merged=merge, dtype=dtype,
+                      train_command=train_command, export_command=command)
+    marker = {"adapter": str(adapter_dir.resolve()), "merged": merge, "dtype": dtype, "method": method,
+              "base_model": portable}
+
+    if merge:
+        from mtlora.adapters import adapter_layers, unload
+        from mtlora.train import load_trained
+
+        model, tokenizer, _ = load_trained(adapter_dir, base=base, device="cpu", precision="fp32")
+        reasons = [(name, layer.can_merge()) for name, layer in adapter_layers(model)]
+        refused = [(name, why) for name, why in reasons if why is not None]
+        if refused:
+            name, why = refused[0]
+            raise UserError(adapter_dir, f"cannot export --merge: merging is not exact ({name}: {why})")
+        model = unload(model, merge=True)
+        model.to(DTYPES[dtype])
+        if portable:
+            model.config._name_or_path = portable
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _write_common(tmp, card, marker, config_file)
+    else:
+        peft_cfg = json.loads((adapter_dir / CONFIG_NAME).read_text())
+        peft_cfg["base_model_name_or_path"] = portable
+        peft_cfg["inference_mode"] = True
+        tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
+        tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n")
+            _write_common(tmp, card, marker, config_file)
+
+    atomic_write_dir(out, write)
+    return out
+
+
+def _write_common(tmp: Path, card: str, marker: dict[str, Any], config_file: Path | None) -> None:
+    (tmp / "README.md").write_text(card)
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if config_file is not None:
+        shutil.copyfile(config_file, tmp / "training_config.yaml")
