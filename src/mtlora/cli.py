@@ -185,8 +185,12 @@ def eval_command(
         lm, tokenizer, extra = load_trained(adapter, base=None if model == "smollm2-135m" else model,
                                             device=device, precision=precision)
         task_names = extra.get("task_names")
-        if task_names and not {ex.task for ex in examples} <= set(task_names):
-            task_names = None  # unseen tasks: ids only matter to task-aware adapters, which say so
+        unseen = sorted({ex.task for ex in examples} - set(task_names or []))
+        if task_names and unseen:
+            if getattr(lm.mtlora_config, "router", None) in ("task", "task+token"):
+                raise UserError(adapter, f"routes by task and was trained on {task_names}; it does not know "
+                                         f"{unseen[0]!r}")
+            task_names = None  # unseen tasks: ids matter only to task-routed adapters (above)
     else:
         from mtlora.models import load_model
 

@@ -21,6 +21,7 @@ run before the optimiser step, keeping the last good checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -161,7 +162,10 @@ def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     model, tokenizer = load_model(config.model, device="cpu" if world_size > 1 else config.device,
                                   precision=config.precision)
     seed_everything(config.train.seed)  # adapter init depends on the seed only
-    inject_adapters(model, config.adapter_config())
+    adapter = config.adapter_config()
+    if getattr(adapter, "router", None) in ("task", "task+token") and adapter.num_tasks is None:  # a row per task
+        adapter = dataclasses.replace(adapter, num_tasks=len(task_names))
+    inject_adapters(model, adapter)
     collator = TaskCollator(tokenizer, task_names, config.data.max_length)
     if world_size > 1:
         seed_rank(config.train.seed, rank)  # same init everywhere, a dropout stream per rank

@@ -48,6 +48,13 @@ models) and only for input-independent initial weights; zero-B inits (``lora``, 
 exactly zero update. In training mode with per-head dropout the masks differ per head, so the update
 at step 0 is zero only in expectation (``E drop_i(phi) = phi``).
 
+Router modes (``router``): ``token`` (the papers' per-token ``w(x) = softmax(W_r x)``, HydraLoRA and
+R-LoRA), ``task`` (a learned per-task softmax ``w_t = softmax(L[t])`` from the batch's explicit task
+ids, read from the forward context, MTL-LoRA-like), ``task+token`` (``softmax(W_r x + L[t])``) and
+``mean`` (fixed ``1/N``, M-LoRA's). ``L`` (num_tasks x N) starts at 0, so every mode starts uniform
+and the frozen offset (which uses ``1/N``) keeps the initial update zero. The trainer sets
+``num_tasks`` from the run's tasks; the task-name -> id map is saved with the adapter.
+
 Dropout: ``input`` (R-LoRA's HydraLoRA baseline: one mask on x shared by the heads), ``per_head``
 (R-LoRA: a mask per head on the r-dim A x), ``input_per_head`` (the original HydraLoRA code: its
 head loop calls ``lora_dropout(x)``, a separate mask on x per head, so N projections of x).
@@ -74,6 +81,8 @@ SCALE_DIMS = ("rank", "d_out")
 ZERO_INITS = ("offset", "center")
 DROPOUT_MODES = ("input", "per_head", "input_per_head")
 COMBINES = ("mean", "sum")
+ROUTERS = ("token", "task", "task+token", "mean")
+TASK_ROUTERS = ("task", "task+token")
 
 
 @dataclass
@@ -121,6 +130,14 @@ class MultiHeadLoraConfig(LoraConfig):
         },
     )
     combine: str = field(default="mean", metadata={"help": "M-LoRA head combination: mean or sum"})
+    router: str | None = field(
+        default=None,
+        metadata={"help": "token (softmax(W_r x), the papers'), task (learned per-task softmax from the batch's "
+                  "task ids), task+token (both logits summed) or mean (1/N). Default: token, mean for mlora"},
+    )
+    num_tasks: int | None = field(
+        default=None, metadata={"help": "tasks a task router knows (set by the trainer from the run's tasks)"}
+    )
     head_weights: list[float] | None = field(
         default=None,
         metadata={
@@ -142,6 +159,16 @@ class MultiHeadLoraConfig(LoraConfig):
             self.init = "hydra" if self.method == "hydralora" else "multihead"
         if self.dropout_mode is None:
             self.dropout_mode = "input" if self.method == "hydralora" else "per_head"
+        if self.router is None:
+            self.router = "mean" if self.method == "mlora" else "token"
+        if self.router not in ROUTERS:
+            raise UserError("adapter.router", f"expected one of {list(ROUTERS)}, got {self.router!r}")
+        if self.method == "mlora" and self.router != "mean":
+            raise UserError("adapter.router", "mlora has no router (its heads are mixed by combine); use rlora")
+        if self.router in TASK_ROUTERS and self.head_weights is not None:
+            raise UserError("adapter.router", f"{self.router} routing learns its weights; drop head_weights")
+        if self.num_tasks is not None and (not isinstance(self.num_tasks, int) or self.num_tasks < 1):
+            raise UserError("adapter.num_tasks", f"expected an integer >= 1, got {self.num_tasks!r}")
         for name, allowed in (
             ("init", INITS),
             ("init_scale", INIT_SCALES),
@@ -176,12 +203,15 @@ class MultiHeadLoraConfig(LoraConfig):
 
     @property
     def has_router(self) -> bool:
-        return self.method != "mlora" and self.head_weights is None
+        """A learned token router (``token`` / ``task+token``), the one the load-balancing loss acts on."""
+        return self.router in ("token", "task+token") and self.head_weights is None
 
     def fixed_weights(self) -> list[float] | None:
-        """The fixed per-head weights when there is no learned router, else None."""
+        """The fixed per-head weights when nothing is learned (mlora, ``mean``, head_weights), else None."""
         if self.method == "mlora":
             return [1.0 / self.num_heads if self.combine == "mean" else 1.0] * self.num_heads
+        if self.router == "mean" and self.head_weights is None:
+            return [1.0 / self.num_heads] * self.num_heads
         return self.head_weights
 
 
@@ -203,8 +233,16 @@ class MultiHeadLoraLinear(LoraLinear):
         self.lora_A = nn.Linear(d_in, r, bias=False, device=w.device, dtype=w.dtype)
         self.lora_B = nn.Parameter(torch.zeros(n, d_out, r, device=w.device, dtype=w.dtype))
         fixed = config.fixed_weights()
+        self.router_mode = config.router
+        self.task_router = None
+        if config.router in TASK_ROUTERS:
+            if config.num_tasks is None:
+                raise UserError("adapter.num_tasks", f"router: {config.router} needs the number of tasks (the "
+                                "trainer sets it from the run's tasks)")
+            self.task_router = nn.Parameter(torch.zeros(config.num_tasks, n, device=w.device, dtype=w.dtype))
         if fixed is None:
-            self.router = nn.Linear(d_in, n, bias=False, device=w.device, dtype=w.dtype)
+            has_token = config.router in ("token", "task+token")
+            self.router = nn.Linear(d_in, n, bias=False, device=w.device, dtype=w.dtype) if has_token else None
             self.register_buffer("head_weights", None)
         else:
             self.router = None
@@ -270,12 +308,28 @@ class MultiHeadLoraLinear(LoraLinear):
 
     # --- router ---------------------------------------------------------------------------------
     def router_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token head weights ``softmax(W_r x)`` in fp32, (..., N); fixed weights (N,) if no router."""
-        if self.router is None:
+        """Head weights in fp32: (..., N) per token, (batch, 1.., N) per task, or fixed (N,)."""
+        if self.router is None and self.task_router is None:
             return self.head_weights
         with torch.autocast(x.device.type, enabled=False):  # fp32 under a bf16/fp16 autocast too
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = 0.0 if self.router is None else F.linear(x.float(), self.router.weight.float())
+            if self.task_router is not None:
+                per_task = self.task_router.float()[self._task_ids(x)]  # (batch, N)
+                logits = logits + per_task.view(x.shape[0], *([1] * (x.dim() - 2)), self.num_heads)
         return torch.softmax(logits, dim=-1)
+
+    def _task_ids(self, x: torch.Tensor) -> torch.Tensor:
+        ids = current_context().task_ids
+        if ids is None:
+            raise UserError(self.name, f"router: {self.router_mode} needs the batch's task ids; run the model inside "
+                                       "mtlora.adapters.forward_context(task_ids=...) (the trainer and evaluator do)")
+        ids = ids.to(self.task_router.device).long().view(-1)
+        if ids.numel() != x.shape[0]:
+            raise UserError(self.name, f"expected one task id per row ({x.shape[0]}), got {ids.numel()}")
+        n = self.task_router.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+            raise UserError(self.name, f"task id out of range: expected 0..{n - 1}, got {ids.tolist()}")
+        return ids
 
     def _load_balance_loss(self, probs: torch.Tensor) -> torch.Tensor:
         """Switch Transformer's ``N * sum_i f_i P_i`` (f_i: share of tokens whose top head is i)."""
@@ -315,7 +369,7 @@ class MultiHeadLoraLinear(LoraLinear):
         if per_head_x:
             z = (z * w.unsqueeze(-1)).flatten(-2)
             b = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_heads * self.r)
-        elif self.router is None and not per_head:  # fixed weights, shared phi: one (d_out, r) matrix
+        elif self.router is None and self.task_router is None and not per_head:  # fixed weights: one (d_out, r)
             z, b = phi, torch.einsum("n,nor->or", w, self.lora_B)
         else:
             z = phi.unsqueeze(-2).expand(*phi.shape[:-1], self.num_heads, self.r)
@@ -337,11 +391,13 @@ class MultiHeadLoraLinear(LoraLinear):
                 f"{self.method} has a learned token router, so its update depends on the input "
                 "(only mlora or a fixed head_weights router can be merged)"
             )
+        if self.task_router is not None:
+            return f"{self.method} routes by task, so its update depends on the task (one merge per task)"
         return None
 
     def delta_weight(self) -> torch.Tensor:
         """``s * ((sum_i w_i B_i) A - offset_B offset_A)`` for fixed head weights (exact: no dropout at inference)."""
-        if self.router is not None:
+        if self.can_merge() is not None:
             raise UserError(self.name, f"cannot form a dense update: {self.can_merge()}")
         b = torch.einsum("n,nor->or", self.head_weights.to(self.lora_B.dtype), self.lora_B)
         delta = b @ self.lora_A.weight
