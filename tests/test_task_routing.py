@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlora.adapters import forward_context, make_adapter_config
+from mtlora.adapters import forward_context, inject_adapters, make_adapter_config
 from mtlora.adapters.multihead import MultiHeadLoraLinear
 from mtlora.errors import UserError
 
@@ -100,3 +100,63 @@ def test_a_task_routed_rlora_trains_saves_and_reloads(tmp_path, tiny_model_dir, 
         with forward_context(task_ids=torch.tensor([0, 1])):
             out = model(**batch).logits
     assert not torch.allclose(out[0], out[1])  # same text, two tasks, two outputs
+
+
+# --------------------------------------------------------------------------- per-task export, mixed batches
+def _routed_model(router: str):
+    from mtlora.testing import tiny_model
+
+    model, tok = tiny_model("llama")
+    torch.manual_seed(1)
+    inject_adapters(model, make_adapter_config("rlora", r=2, alpha=4, num_heads=3, router=router, num_tasks=2,
+                                               target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("router", ["task", "mean"])
+def test_per_task_export_is_exact_in_stock_peft_and_serves_a_mixed_batch(router, tmp_path, monkeypatch, capsys):
+    peft = pytest.importorskip("peft")
+    from conftest import run_cli
+
+    from mtlora.adapters import save_adapter
+    from mtlora.testing import tiny_model
+
+    model, tok = _routed_model(router)
+    save_adapter(model, tmp_path / "a", extra={"task_names": ["qa", "sentiment"], "method": "rlora"})
+    code, _, err = run_cli(monkeypatch, capsys, "export", str(tmp_path / "a"), str(tmp_path / "out"), "--per-task")
+    assert code == 0, err
+    batch = tok(["Question: what is 3 + 1? Answer: 4", "the cat sat on the mat"], return_tensors="pt", padding=True)
+    ours = {}
+    with torch.no_grad():
+        for t, task in enumerate(["qa", "sentiment"]):
+            with forward_context(task_ids=torch.full((2,), t)):
+                ours[task] = model(**batch).logits
+        with forward_context(task_ids=torch.tensor([0, 1])):  # a mixed batch: row 0 qa, row 1 sentiment
+            mixed = model(**batch).logits
+    torch.testing.assert_close(mixed[0], ours["qa"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], ours["sentiment"][1], atol=1e-5, rtol=1e-5)
+    base, _ = tiny_model("llama")
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "out" / "qa"), adapter_name="qa")
+    theirs.load_adapter(str(tmp_path / "out" / "sentiment"), adapter_name="sentiment")
+    theirs.eval()
+    with torch.no_grad():
+        for task in ("qa", "sentiment"):
+            theirs.set_adapter(task)
+            torch.testing.assert_close(theirs(**batch).logits, ours[task], atol=1e-5, rtol=1e-5)
+        served = theirs(**batch, adapter_names=["qa", "sentiment"]).logits
+    torch.testing.assert_close(served, mixed, atol=1e-5, rtol=1e-5)
+
+
+def test_per_task_export_refuses_a_token_router(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    from mtlora.adapters import save_adapter
+
+    model, _ = _routed_model("token")
+    save_adapter(model, tmp_path / "a", extra={"task_names": ["qa", "sentiment"]})
+    code, _, err = run_cli(monkeypatch, capsys, "export", str(tmp_path / "a"), str(tmp_path / "out"), "--per-task")
+    assert code == 2 and "approximation" in err and not (tmp_path / "out").exists()

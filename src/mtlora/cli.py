@@ -331,15 +331,23 @@ def export_command(
     base: Annotated[str | None, typer.Option(help="base model to merge into (default: the adapter's)")] = None,
     base_name: Annotated[str | None, typer.Option(help="base model name written into the export (e.g. a Hub id)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an earlier export in OUT")] = False,
+    per_task: Annotated[bool, typer.Option(help="one PEFT LoRA folder per task, OUT/<task>/ (exact routers only)")] = False,
 ) -> None:
-    """Export an adapter: a clean PEFT folder with a model card, or (--merge) a merged full model."""
+    """Export an adapter: a clean PEFT folder with a model card, (--merge) a merged full model, or
+    (--per-task) one PEFT LoRA per task of a task-routed multi-head adapter."""
     import shlex
 
-    from mtlora.export import export
+    from mtlora.export import export, export_per_task
 
     _quiet_libraries()
     command = shlex.join(["mtlora", "export", str(adapter), str(out), *(["--merge"] if merge else []),
-                          *(["--dtype", dtype] if dtype != "fp32" else [])])
+                          *(["--per-task"] if per_task else []), *(["--dtype", dtype] if dtype != "fp32" else [])])
+    if per_task:
+        if merge:
+            raise UserError("--per-task", "exports adapters; it does not go with --merge")
+        path = export_per_task(adapter, out, base=base, base_name=base_name, overwrite=overwrite, command=command)
+        console.print(f"per-task adapters: {', '.join(sorted(p.name for p in path.iterdir() if p.is_dir()))} in {path}")
+        return
     path = export(adapter, out, merge=merge, dtype=dtype, base=base, base_name=base_name, overwrite=overwrite,
                   command=command)
     console.print(f"{'merged model' if merge else 'adapter'}: {path}")

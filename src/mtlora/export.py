@@ -11,7 +11,15 @@
   for plain-LoRA-format adapters, with the base model named portably (a Hub id for the built-in
   alias, never this machine's cache path).
 
-Both write a model card (``README.md``: base model, method, tasks, the run's metrics, the commands)
+- ``export ADAPTER OUT --per-task``: one stock PEFT LoRA folder per task, ``OUT/<task>/``, from a
+  multi-head adapter whose head weights do not depend on the input (``router: task`` or ``mean``,
+  M-LoRA, fixed ``head_weights``): ``B_t = sum_i w_{t,i} B_i`` with the shared ``A``; R-LoRA's frozen
+  offset joins as ``r`` more columns (rank ``2r``: ``[B_t, -offset_B] [A; offset_A]``), and the
+  scaling is folded into B (``lora_alpha = r``). Exact: the same logits as our model run with that
+  task id (tested in stock PEFT). A token router is refused: its per-task weights would be an
+  approximation, which this command does not build.
+
+Every export writes a model card (``README.md``: base model, method, tasks, the run's metrics, the commands)
 and ``mtlora_export.json``, the marker that lets ``--overwrite`` replace an earlier export and
 nothing else. The folder is written atomically (temporary folder + rename, the umask's modes).
 """
@@ -192,6 +200,77 @@ def export(
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n")
             _write_common(tmp, card, marker, config_file)
+
+    atomic_write_dir(out, write)
+    return out
+
+
+def per_task_lora(tensors: dict[str, torch.Tensor], config, task_names: list[str]) -> dict[str, dict]:
+    """``{task: PEFT LoRA tensors}`` of a multi-head adapter with input-independent head weights."""
+    router = getattr(config, "router", None)
+    fixed = config.fixed_weights() if hasattr(config, "fixed_weights") else None
+    if router in ("token", "task+token") and fixed is None:
+        raise UserError("--per-task", f"router: {router} weighs the heads per token, so a per-task adapter would "
+                                      "be an approximation; exact per-task export needs router: task or mean")
+    layers = sorted({k.rsplit(".lora_B", 1)[0] for k in tensors if k.endswith(".lora_B")})
+    if not layers:
+        raise UserError("--per-task", "no multi-head layers in this adapter (a plain LoRA is one adapter already)")
+    scale = float(config.scaling)
+    out: dict[str, dict] = {}
+    for t, task in enumerate(task_names):
+        state = {}
+        for layer in layers:
+            heads = tensors[f"{layer}.lora_B"].double()  # (N, d_out, r)
+            if f"{layer}.task_router" in tensors:
+                w = torch.softmax(tensors[f"{layer}.task_router"].double()[t], dim=-1)
+            else:
+                w = torch.tensor(fixed, dtype=torch.float64)
+            a = tensors[f"{layer}.lora_A.weight"].double()
+            b = scale * torch.einsum("n,nor->or", w, heads)
+            if f"{layer}.offset_A" in tensors:
+                a = torch.cat([a, tensors[f"{layer}.offset_A"].double()])
+                b = torch.cat([b, -scale * tensors[f"{layer}.offset_B"].double()], dim=1)
+            state[f"{layer}.lora_A.weight"] = a.float().contiguous()
+            state[f"{layer}.lora_B.weight"] = b.float().contiguous()
+        out[task] = state
+    return out
+
+
+def export_per_task(adapter_dir: str | Path, out: str | Path, *, base: str | None = None,
+                    base_name: str | None = None, overwrite: bool = False, command: str | None = None) -> Path:
+    """``OUT/<task>/``: one stock PEFT LoRA folder per task (see the module doc); returns ``out``."""
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    config, extra = read_adapter_config(adapter_dir)
+    tasks = list(extra.get("task_names") or [])
+    if not tasks:
+        raise UserError(adapter_dir, "no task_names saved with this adapter; per-task export needs them")
+    _check_out(out, overwrite)
+    per_task = per_task_lora(load_file(str(adapter_dir / WEIGHTS_NAME)), config, tasks)
+    source = json.loads((adapter_dir / CONFIG_NAME).read_text())
+    portable = portable_base_name(base or extra.get("base_model"), base_name)
+    results, config_file = _run_files(adapter_dir)
+    method = extra.get("method", config.method)
+
+    def write(tmp: Path) -> None:
+        for task, state in per_task.items():
+            rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+            folder = tmp / task
+            folder.mkdir()
+            peft_cfg = {
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": portable,
+                "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "use_rslora": False,
+                "target_modules": sorted({k.split(".")[-3] for k in state}), "bias": "none",
+                "fan_in_fan_out": source.get("fan_in_fan_out", False), "init_lora_weights": True,
+                "inference_mode": True, "modules_to_save": None,
+            }
+            save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+            (folder / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n")
+            card = model_card(base_name=portable, method=f"{method} (task {task})", tasks=[task], results=results,
+                              merged=False, dtype="fp32", train_command=None, export_command=command)
+            (folder / "README.md").write_text(card)
+        marker = {"adapter": str(adapter_dir.resolve()), "per_task": list(per_task), "method": method,
+                  "base_model": portable}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
     atomic_write_dir(out, write)
     return out
