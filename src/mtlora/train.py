@@ -144,6 +144,14 @@ def training_examples(config: RunConfig) -> list[Example]:
     return examples
 
 
+def run_adapter_config(config: RunConfig, num_tasks: int):
+    """The run's adapter config; a task router learns one row per task of the run."""
+    adapter = config.adapter_config()
+    if getattr(adapter, "router", None) in ("task", "task+token") and adapter.num_tasks is None:
+        adapter = dataclasses.replace(adapter, num_tasks=num_tasks)
+    return adapter
+
+
 def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     """Load data first (cheap, catches user errors early), then the model, then inject adapters."""
     if config.train.retain_freed_memory:
@@ -162,10 +170,7 @@ def prepare_run(config: RunConfig, world_size: int = 1, rank: int = 0) -> Run:
     model, tokenizer = load_model(config.model, device="cpu" if world_size > 1 else config.device,
                                   precision=config.precision)
     seed_everything(config.train.seed)  # adapter init depends on the seed only
-    adapter = config.adapter_config()
-    if getattr(adapter, "router", None) in ("task", "task+token") and adapter.num_tasks is None:  # a row per task
-        adapter = dataclasses.replace(adapter, num_tasks=len(task_names))
-    inject_adapters(model, adapter)
+    inject_adapters(model, run_adapter_config(config, len(task_names)))
     collator = TaskCollator(tokenizer, task_names, config.data.max_length)
     if world_size > 1:
         seed_rank(config.train.seed, rank)  # same init everywhere, a dropout stream per rank

@@ -66,8 +66,8 @@ def count_budgets(configs: Sequence[RunConfig]) -> dict[str, dict[str, Any]]:
     counts: dict[str, dict[str, Any]] = {}
     skeletons: dict[str, Any] = {}
     for config in configs:
-        adapter = config.adapter_config()
-        key = json.dumps({"model": config.model, **adapter.to_dict()}, sort_keys=True, default=str)
+        adapter = _adapter(config)
+        key = budget_key(config)
         if key in counts:
             continue
         try:
@@ -84,8 +84,14 @@ def count_budgets(configs: Sequence[RunConfig]) -> dict[str, dict[str, Any]]:
     return counts
 
 
+def _adapter(config: RunConfig):
+    from mtlora.train import run_adapter_config
+
+    return run_adapter_config(config, len(config.tasks))  # a task router: one row per task (built-in names)
+
+
 def budget_key(config: RunConfig) -> str:
-    return json.dumps({"model": config.model, **config.adapter_config().to_dict()}, sort_keys=True, default=str)
+    return json.dumps({"model": config.model, **_adapter(config).to_dict()}, sort_keys=True, default=str)
 
 
 def budget_report(bench: BenchConfig) -> list[dict[str, Any]]:
