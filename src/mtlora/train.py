@@ -550,7 +550,7 @@ def train(
                 stopping = stopping or (dist.world_size == 1 and bool(stop))
                 if state.step % tcfg.save_every == 0 or state.step == steps or stopping:
                     save_checkpoint(run, optimizer, scheduler, procedure.sampler, state, out, dist)
-                if stopping and state.step < steps:
+                if stopping:  # also on the last step: the final evaluation is what resume then runs
                     raise Interrupted(stop.signum or 2, f"interrupted at step {state.step}/{steps}; checkpoint "
                                       f"(step {state.step}) in {out / rundir.CHECKPOINT_DIR}",
                                       checkpoint_step=state.step)
