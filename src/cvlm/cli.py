@@ -39,25 +39,30 @@ def demo(
     out: Path = typer.Option(Path("runs/cvlm-demo"), "--out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
     quick: bool = typer.Option(False, "--quick", help="tiny sizes, runs in seconds (a smoke test, not results)"),
-    seed: int = typer.Option(0, "--seed"),
+    seeds: list[int] = typer.Option([0], "--seeds", "--seed", help="one or more seeds (repeat the option); "
+                                    "a seed whose seed_N/cases.json exists is reused, so a cut-off run resumes"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    budget_s: float = typer.Option(-1.0, "--budget-s", help="wall-clock seconds for the four trainings together "
+    budget_s: float = typer.Option(-1.0, "--budget-s", help="wall-clock seconds for the five trainings of a seed "
                                    "(default: the config's; 0 = no time cap, run the step counts exactly)"),
+    resume: bool = typer.Option(False, "--resume", help="continue a run in --out (reuse finished seeds)"),
 ) -> None:
-    """Train generator, manipulator and the shortcut pair on phantoms; write metrics.json and report.html."""
+    """Train G, G2, M and the shortcut pair on phantoms per seed; write metrics.json, results.md and report.html."""
     from .pipeline import DemoConfig, run_demo
 
     _threads(threads)
-    _out_dir(out, overwrite, ("metrics.json", "report.html", "generator.pt"))
+    if not resume:
+        _out_dir(out, overwrite, ("metrics.json", "report.html", *(f"seed_{s}" for s in seeds)))
     cfg = DemoConfig.quick() if quick else DemoConfig()
-    cfg.seed = seed
     if budget_s >= 0:
         cfg.budget_s = budget_s or None
-    m = run_demo(out, cfg, progress=progress, log=lambda s: typer.echo(s, err=True))
+    m = run_demo(out, cfg, seeds=seeds, progress=progress, log=lambda s: typer.echo(s, err=True))
     for k, t in m["targets"].items():
-        typer.echo(f"{k:38s} {t['value']:.3f}  target {t['target']:8s} {'met' if t['met'] else 'MISSED'}")
-    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.html'} in {m['seconds']['total']:.0f} s")
+        lo, hi = t["ci95"]
+        typer.echo(f"{k:36s} {t['value']:.3f} [{lo:.3f}, {hi:.3f}]  target {t['target']:7s} "
+                   f"{'met' if t['met'] else 'missed'}")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'results.md'} and {out / 'report.html'} "
+               f"in {m['run']['seconds_this_call']:.0f} s")
 
 
 @app.command()
@@ -81,9 +86,9 @@ def explain(
     import torch
 
     from .data import load_image
+    from .html_report import save_png
     from .pipeline import load_generator, load_manipulator
-    from .report import save_png
-    from .reports import label_report, parse_edit, write_report
+    from .report_text import label_report, parse_edit, write_report
 
     _threads(threads)
     gen = load_generator(model / "generator.pt")
@@ -126,9 +131,9 @@ def phantom(
     import csv
     import io
 
+    from .html_report import save_png
     from .phantoms import make_dataset
-    from .report import save_png
-    from .reports import write_report
+    from .report_text import write_report
 
     _out_dir(out, overwrite, ("reports.csv",))
     buf = io.StringIO()
@@ -151,7 +156,7 @@ def data_check(
     from collections import Counter
 
     from .data import load_image, load_studies
-    from .reports import label_report
+    from .report_text import label_report
 
     studies = load_studies(source, images)
     counts: Counter[str] = Counter()
@@ -164,7 +169,7 @@ def data_check(
 @app.command()
 def labels(text: str = typer.Argument(..., help="a report")) -> None:
     """Run the rule-based labeller on a report and print the findings."""
-    from .reports import label_report
+    from .report_text import label_report
 
     f = label_report(text)
     typer.echo(json.dumps({k: {a: getattr(v, a) for a in ("side", "zone", "size") if getattr(v, a)} for k, v in f.items()}))

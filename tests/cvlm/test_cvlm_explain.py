@@ -5,7 +5,7 @@ import torch
 from cvlm.explain import gradcam, integrated_gradients, occlusion
 from cvlm.generator import FeatureGenerator, ReportGenerator
 from cvlm.metrics import pointing_game
-from cvlm.reports import Tokenizer
+from cvlm.report_text import Tokenizer
 
 H = 32
 

@@ -6,7 +6,7 @@ import torch
 from cvlm.generator import CXRReportGenerator, FeatureGenerator, GeneratorConfig, ReportGenerator, freeze
 from cvlm.manipulator import Manipulator, ManipulatorConfig, manipulator_losses
 from cvlm.phantoms import make_dataset
-from cvlm.reports import Tokenizer, write_report
+from cvlm.report_text import Tokenizer, write_report
 from cvlm.train import images_tensor, pad_tokens, train_generator
 
 SIZE = 32
@@ -80,7 +80,7 @@ def test_manipulator_step_gradient_flows_through_frozen_generator():
 
 
 def test_auxiliary_finding_loss_trains_the_encoder():
-    from cvlm.reports import report_vector
+    from cvlm.report_text import report_vector
 
     g = tiny_generator()
     ds = make_dataset(8, seed=3, size=SIZE)

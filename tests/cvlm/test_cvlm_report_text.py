@@ -5,7 +5,7 @@ import pytest
 
 from cvlm.errors import UserError
 from cvlm.phantoms import FINDINGS, Finding, sample_findings
-from cvlm.reports import Tokenizer, label_report, parse_edit, possible_edits, random_edit, write_report
+from cvlm.report_text import Tokenizer, label_report, parse_edit, possible_edits, random_edit, write_report
 
 
 @pytest.mark.parametrize("varied", [False, True])
