@@ -137,7 +137,12 @@ def _load(path: Path) -> dict:
 
 
 def git_commit() -> str:
-    """The commit of the code that runs (``unknown`` outside a git checkout)."""
+    """The commit of the code that runs: ``$CVLM_COMMIT`` when set (a run from an exported copy of
+    the sources), else ``git rev-parse`` of this file's checkout, else ``unknown``."""
+    import os
+
+    if os.environ.get("CVLM_COMMIT"):
+        return os.environ["CVLM_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -257,7 +262,7 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
     s_cases, s_maps = sc.pop("_cases"), sc.pop("_maps")
     neg.pop("_cases"), neg.pop("_maps")
     seconds = {"train": t_train, "total": time.time() - t_start, "process_cpu": time.process_time() - cpu_start}
-    record = {"seed": cfg.seed, "edits": edit_rows, "localisation": loc, "shortcut": sc, "negative_control": neg,
+    record = {"seed": cfg.seed, "commit": git_commit(), "edits": edit_rows, "localisation": loc, "shortcut": sc, "negative_control": neg,
               "generator_accuracy": acc, "tuning": {"chosen": chosen, "tried": tried}, "training": hist,
               "seconds": seconds, "config": asdict(cfg)}  # fmt: skip
     # a few cases for the page: one localisation case per finding and three shortcut cases
