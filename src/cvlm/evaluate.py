@@ -314,9 +314,11 @@ def shortcut_stats(sc_per_seed: list[dict], methods: Sequence[str] = METHODS) ->
            "on_marker_reliant": {m: figure(records, rate("m", m, True)) for m in methods},
            "on_marker": {m: figure(records, rate("m", m)) for m in methods},
            "on_finding_not_reliant": {m: figure(records, rate("f", m, False)) for m in methods}}  # fmt: skip
-    pooled = {b: res["on_marker_reliant"][b]["value"] for b in BASELINES}
-    best = max(BASELINES, key=lambda b: -1 if np.isnan(pooled[b]) else pooled[b])
-    res["best_baseline"] = best
-    res["margin_over_best_baseline"] = figure(
-        records, lambda rows: rate("m", "cvlm", True)(rows) - rate("m", best, True)(rows))
+    bases = [b for b in BASELINES if b in methods]
+    if bases and "cvlm" in methods:
+        pooled = {b: res["on_marker_reliant"][b]["value"] for b in bases}
+        best = max(bases, key=lambda b: -1 if np.isnan(pooled[b]) else pooled[b])
+        res["best_baseline"] = best
+        res["margin_over_best_baseline"] = figure(
+            records, lambda rows: rate("m", "cvlm", True)(rows) - rate("m", best, True)(rows))
     return res

@@ -24,8 +24,9 @@ _METHOD_NAMES = {"cvlm": "CVLM", "cvlm_m_alone": "M alone", "cvlm_from_zero": "C
                  "ig": "integrated gradients", "occlusion": "occlusion"}  # fmt: skip
 
 
-def png_b64(arr: np.ndarray, cmap: str | None = None, scale: int = 2) -> str:
-    """A 2-D array as a base64 PNG (grey in [0, 1], or a colour map after min-max scaling)."""
+def png_b64(arr: np.ndarray, cmap: str | None = None, scale: int = 2, limits: tuple[float, float] | None = None) -> str:
+    """A 2-D array as a base64 PNG (grey in [0, 1], or a colour map over ``limits``, by default
+    the array's minimum and maximum)."""
     from PIL import Image
 
     a = np.asarray(arr, dtype=np.float32)
@@ -34,8 +35,8 @@ def png_b64(arr: np.ndarray, cmap: str | None = None, scale: int = 2) -> str:
     else:
         import matplotlib
 
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        lo, hi = limits or (float(a.min()), float(a.max()))
+        a = np.clip((a - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(a)
         img = Image.fromarray((matplotlib.colormaps[cmap](a)[..., :3] * 255).astype(np.uint8), mode="RGB")
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -44,8 +45,9 @@ def png_b64(arr: np.ndarray, cmap: str | None = None, scale: int = 2) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def save_png(path: Path, arr: np.ndarray, cmap: str | None = None, scale: int = 1) -> None:
-    atomic_write(path, lambda p: p.write_bytes(base64.b64decode(png_b64(arr, cmap, scale))))
+def save_png(path: Path, arr: np.ndarray, cmap: str | None = None, scale: int = 1,
+             limits: tuple[float, float] | None = None) -> None:  # fmt: skip
+    atomic_write(path, lambda p: p.write_bytes(base64.b64decode(png_b64(arr, cmap, scale, limits))))
 
 
 def example_figure(ex: dict, methods: list[str]) -> str:

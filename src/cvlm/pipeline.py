@@ -243,6 +243,8 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
     chosen, tried = tune_refinement(gen, manip, val, cfg)
     manip_s.cfg = dataclasses.replace(manip_s.cfg, refine_weights=dict(manip.cfg.refine_weights),
                                       refine_init=manip.cfg.refine_init)  # fmt: skip
+    save_model(manip, out / "manipulator.pt")  # with the chosen refinement, which `cvlm explain` then uses
+    save_model(manip_s, out / "shortcut_manipulator.pt")
     log(f"evaluating on held-out phantoms (refinement: tv {chosen['tv']}, from {chosen['init']})")
     x_test = images_tensor(test)
     acc = {}
