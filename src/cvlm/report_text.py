@@ -96,15 +96,18 @@ def write_report(findings: Findings, varied: bool = False, rng: np.random.Genera
 # ----------------------------------------------------------------------------------------------
 # labelling reports (CheXpert-style rules: mention, then uncertainty, then negation with a scope)
 
-_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "cardiomegaly": ("cardiomegaly", "cardiomediastinal silhouette", "cardiac silhouette", "heart", "cardiac"),
-    "effusion": ("effusion",),
-    "pneumothorax": ("pneumothora",),
-    "opacity": ("opacit", "consolidation", "airspace disease", "air space disease", "infiltrate"),
-    "nodule": ("nodul", "mass"),
-    "device": ("catheter", "central line", "picc", "port", "pacemaker", "tube", "line in place", "central venous"),
+# the words that mention each finding (regular expressions, matched at word starts); a pericardial
+# effusion is not a pleural one, and "tuberculosis" is not a tube
+_KEYWORDS: dict[str, str] = {
+    "cardiomegaly": r"cardiomegaly|cardiomediastinal silhouette|cardiac silhouette|heart|cardiac",
+    "effusion": r"(?<!pericardial )effusions?\b",
+    "pneumothorax": r"pneumothora\w*",
+    "opacity": r"opacit\w*|consolidat\w*|air ?space disease|infiltrat\w*",
+    "nodule": r"nodul\w*|mass(?:es)?\b|masslike",
+    "device": r"catheters?\b|central (?:venous )?lines?\b|picc\b|ports?\b|pacemakers?\b|defibrillators?\b|"
+              r"tubes?\b|lines? in place",
 }
-_MENTION = {n: re.compile(r"\b(" + "|".join(re.escape(k) for k in ks) + r")\w*") for n, ks in _KEYWORDS.items()}
+_MENTION = {n: re.compile(r"\b(?:" + k + ")") for n, k in _KEYWORDS.items()}
 # a negation or uncertainty cue governs the mentions after it up to one of these (CheXpert's
 # "but", "however", ... ; also a new clause opened by "and the" / "and there")
 _SCOPE_END = re.compile(r";|\b(but|however|although|though|except|aside from|apart from|otherwise|which|whereas)\b"
@@ -118,7 +121,7 @@ _UNCERTAIN = re.compile(r"\b(may|might|possibl[ey]|probabl[ey]|likely|questionab
                         r"borderline|upper limits? of normal|top normal|indeterminate|differential|vs\.)\b")
 _NOT_EXCLUDED = re.compile(r"\b(cannot|can not|not) (be )?(excluded|ruled out)\b")
 _CARDIO_NORMAL = re.compile(r"\b(normal|within normal limits|unremarkable)\b")
-_CARDIO_ABN = re.compile(r"\b(enlarged|cardiomegaly|enlargement|increased|prominent)\b")
+_CARDIO_ABN = re.compile(r"\b(enlarged|cardiomegaly|enlargement|increased|prominent|large)\b")
 _SIDE_WORDS = {"right": "right", "left": "left", "bilateral": "bilateral", "bilaterally": "bilateral",
                "both": "bilateral", "bibasilar": "bilateral"}
 _ZONE_WORDS = {"upper": "upper", "apical": "upper", "apex": "upper", "apices": "upper", "mid": "mid",
@@ -177,23 +180,27 @@ def sentence_mentions(sent: str, index: int = 0) -> list[Mention]:
         if (n, clause) not in seen:
             seen.add((n, clause))
             kept.append((s, e, n, clause))
+    stated_end: dict[int, int] = {}  # per clause, the end of the last mention that stated something
     for k, (s, e, n, clause) in enumerate(kept):
         c0, c1 = bounds[clause], bounds[clause + 1]
-        prev_end = max([kk[1] for kk in kept[:k] if kk[3] == clause] + [c0])
+        prev_end = stated_end.get(clause, c0)
         nxt = min([kk[0] for kk in kept[k + 1 :] if kk[3] == clause] + [c1])
         before, after = sent[c0:s], sent[e:nxt]
         pre, post = sent[prev_end:e], sent[e:nxt]
         if n == "cardiomegaly" and not sent[s:e].startswith("cardiomegaly"):
-            # "heart" / "cardiac silhouette" state nothing unless a size word follows
-            tail = sent[s:nxt]
-            if _UNCERTAIN.search(tail) and not _CARDIO_ABN.search(before):
+            # "heart" / "cardiac silhouette" state something only with a size word; the first of
+            # "enlarged"-like and "normal"-like words decides ("normal in size, with a large effusion")
+            tail = sent[prev_end:nxt]
+            words = sorted([(m.start(), "abn") for m in _CARDIO_ABN.finditer(tail)]
+                           + [(m.start(), "normal") for m in _CARDIO_NORMAL.finditer(tail)])  # fmt: skip
+            if _UNCERTAIN.search(tail):
                 status = "uncertain"
-            elif _CARDIO_ABN.search(tail) and not _POST_NEG.search(tail) and not _PRE_NEG.search(before):
-                status = "present"
-            elif _CARDIO_NORMAL.search(tail) or (_CARDIO_ABN.search(tail) and _POST_NEG.search(tail)):
-                status = "absent"
-            else:
+            elif not words:
                 continue
+            elif words[0][1] == "abn":
+                status = "absent" if _PRE_NEG.search(before) or _POST_NEG.search(tail) else "present"
+            else:
+                status = "absent"
         elif _NOT_EXCLUDED.search(sent[c0:c1]):
             status = "uncertain"
         elif _PRE_NEG.search(before):
@@ -216,6 +223,7 @@ def sentence_mentions(sent: str, index: int = 0) -> list[Mention]:
             size=get(_SIZE_WORDS) if "size" in attrs else None,
             sentence=index, span=(prev_end, nxt),
         ))  # fmt: skip
+        stated_end[clause] = e
     return out
 
 
