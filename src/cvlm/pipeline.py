@@ -26,7 +26,7 @@ import torch
 
 from .errors import UserError, atomic_write, atomic_write_text
 from .evaluate import (
-    METHODS,
+    CVLM_VARIANTS,
     SHORTCUT_FINDING,
     edit_stats,
     evaluate_edits,
@@ -37,6 +37,7 @@ from .evaluate import (
     score_cases,
     shortcut_stats,
 )
+from .explain import BASELINES
 from .generator import CXRReportGenerator, GeneratorConfig, freeze
 from .manipulator import Manipulator, ManipulatorConfig
 from .phantoms import FINDINGS, make_dataset
@@ -91,6 +92,10 @@ class DemoConfig:
     # refinement settings tried on the validation split (pointing game decides; ties keep the first)
     tune_tv: tuple[float, ...] = (10.0, 1.0)
     tune_init: tuple[str, ...] = ("manipulator", "zero")
+    # the maps scored on the test split: CVLM as tuned, M alone, and the baselines; add
+    # "cvlm_from_zero" (the objective per image from zero, M unused) for that comparison too -
+    # it doubles the refinement time of the evaluation
+    methods: tuple[str, ...] = ("cvlm", "cvlm_m_alone", *BASELINES)
     # Wall-clock budget of the five trainings together (None: run the step counts exactly, which
     # is deterministic). Each training stops at its step count or when its share of the budget
     # (plus whatever earlier trainings left unused) is spent; metrics.json records the steps run.
@@ -252,14 +257,17 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
         rep = [label_report(r) for r in g.generate(x_test)]
         acc[name] = {n: float(np.mean([r.get(n) == p.findings.get(n) for r, p in zip(rep, test, strict=True)]))
                      for n in FINDINGS}  # fmt: skip
-    edit_rows, edit_examples = evaluate_edits(gen, manip, test[: cfg.n_edit], cfg.seed + 7, gen2=gen2)
+    methods = cfg.methods
+    variants = [m for m in methods if m in CVLM_VARIANTS]
+    edit_rows, edit_examples = evaluate_edits(gen, manip, test[: cfg.n_edit], cfg.seed + 7, gen2=gen2,
+                                              variants=variants)  # fmt: skip
     log(f"  edits done at {time.time() - t_start:.0f} s")
     cases = localisation_cases(gen, test, cfg.n_loc)
-    loc_maps = explain_cases(gen, manip, test, cases)
-    loc = {"finding": [n for _, n in cases], **score_cases(loc_maps, [test[i].masks[n] for i, n in cases])}
+    loc_maps = explain_cases(gen, manip, test, cases, methods=methods)
+    loc = {"finding": [n for _, n in cases], **score_cases(loc_maps, [test[i].masks[n] for i, n in cases], methods)}
     log(f"  localisation ({len(cases)} cases) done at {time.time() - t_start:.0f} s")
-    sc = evaluate_shortcut(gen_s, manip_s, s_test, s_seed, cfg.size, cfg.n_short)
-    neg = evaluate_shortcut(gen, manip, s_test, s_seed, cfg.size, cfg.n_short)
+    sc = evaluate_shortcut(gen_s, manip_s, s_test, s_seed, cfg.size, cfg.n_short, methods)
+    neg = evaluate_shortcut(gen, manip, s_test, s_seed, cfg.size, cfg.n_short, methods)
     log(f"  shortcut test and negative control done at {time.time() - t_start:.0f} s")
     s_cases, s_maps = sc.pop("_cases"), sc.pop("_maps")
     neg.pop("_cases"), neg.pop("_maps")
@@ -276,10 +284,10 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
         "edits": edit_examples,
         "localisation": [{"image": test[cases[k][0]].image, "mask": test[cases[k][0]].masks[cases[k][1]],
                           "finding": cases[k][1], "x_new": loc_maps["x_new"][k], "t": loc_maps["t"][k],
-                          "t_new": loc_maps["t_new"][k], "maps": {m: loc_maps[m][k] for m in METHODS}} for k in pick],
+                          "t_new": loc_maps["t_new"][k], "maps": {m: loc_maps[m][k] for m in methods}} for k in pick],
         "shortcut": [{"image": s_test[i].image, "mask": s_test[i].masks["marker"], "finding": n,
                       "x_new": s_maps["x_new"][k], "t": s_maps["t"][k], "t_new": s_maps["t_new"][k],
-                      "reliant": sc["reliant"][k], "maps": {m: s_maps[m][k] for m in METHODS}}
+                      "reliant": sc["reliant"][k], "maps": {m: s_maps[m][k] for m in methods}}
                      for k, (i, n) in enumerate(s_cases[:3])],
     }  # fmt: skip
     atomic_write(out / "examples.pkl", lambda p: p.write_bytes(pickle.dumps(examples)))
@@ -294,10 +302,11 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
 
 def summarise(records: list[dict]) -> dict:
     """Figures with 95 % intervals (two-level bootstrap over seeds and cases) from per-seed rows."""
+    methods = tuple(records[0]["config"]["methods"])
     edits = {v: edit_stats([r["edits"][v] for r in records]) for v in records[0]["edits"]}
-    loc = localisation_stats([r["localisation"] for r in records])
-    sc = shortcut_stats([r["shortcut"] for r in records])
-    neg = shortcut_stats([r["negative_control"] for r in records])
+    loc = localisation_stats([r["localisation"] for r in records], methods)
+    sc = shortcut_stats([r["shortcut"] for r in records], methods)
+    neg = shortcut_stats([r["negative_control"] for r in records], methods)
     head = {
         "cycle_success": edits["cvlm"]["cycle_success"],
         "collateral_change": edits["cvlm"]["collateral_change"],
