@@ -190,8 +190,11 @@ def phantom(
 @app.command("data-check")
 def data_check(
     source: Path = typer.Argument(..., help="reports CSV, IU X-ray XML folder or MIMIC-CXR folder"),
-    images: Path = typer.Option(None, "--images", help="image folder if not beside the reports"),
+    images: Path = typer.Option(None, "--images", help="image root if not beside the reports (e.g. MIMIC-CXR-JPG's "
+                                "files/ tree for MIMIC-CXR's report tree)"),
     size: int = typer.Option(64, "--size"),
+    all_views: bool = typer.Option(False, "--all-views", help="keep lateral views too (default: frontal only "
+                                   "where a metadata file names the views)"),
 ) -> None:
     """Validate a real image/report folder: every image readable, every report labelled."""
     from collections import Counter
@@ -199,7 +202,7 @@ def data_check(
     from .data import load_image, load_studies
     from .report_text import label_report
 
-    studies = load_studies(source, images)
+    studies = load_studies(source, images, frontal_only=not all_views)
     counts: Counter[str] = Counter()
     for s in studies:
         load_image(s.image_path, size)

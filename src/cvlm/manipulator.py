@@ -50,17 +50,13 @@ class ManipulatorConfig:
     # rate ``refine_lr``) on the image's own copy of the objective M was trained on (cycle + L1 +
     # total variation), starting from M's residual ("manipulator") or from zero ("zero": the
     # objective solved for this image alone, M unused). 0 steps = M alone, one forward pass.
-    # Measured in docs/cvlm.md: both reach the edited report on every held-out edit; from zero the
-    # change lands on the finding more often (committed demo: pointing 0.96 vs 0.69), but on the
-    # shortcut generator it rarely lands on the planted marker the generator reads (2 of 24 vs 20
-    # of 24 from M's residual), which is why M's residual is the default start.
+    # The demo chooses the start and the total-variation weight on a validation split.
     refine_steps: int = 200
     refine_lr: float = 5e-3
     refine_init: str = "manipulator"
     # overrides of M's training weights for the refinement: a strong total variation makes the
-    # refined change one compact region instead of speckle (pointing 0.23 -> 0.42 on one saved demo
-    # model, 0.42-0.50 -> 0.65 on another, docs/cvlm.md), while M itself trains at the default 0.3:
-    # trained at 10, two of five manipulators (in two demo runs) collapsed to the identity
+    # refined change one compact region instead of speckle, while M itself trains at the default
+    # 0.3 (trained at 10, M can collapse to the identity; docs/cvlm.md)
     refine_weights: dict[str, float] = field(default_factory=lambda: {"tv": 10.0})
     # x' = clip(x + delta, 0, 1) in training, refinement and output: a change that leaves the
     # valid intensity range cannot be saved as an image, so it must not count as an explanation
