@@ -87,7 +87,7 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int, gen2=None,
                 if i is None:
                     continue
                 p = test[i]
-                mask = p.masks.get(edits[i].name)
+                mask = None if kind == "add" else p.masks.get(edits[i].name)  # an added finding has no mask
                 maps = {"cvlm": (x_new[i] - x[i]).abs()[0].numpy()}
                 for name, bm in baseline_maps(gen, x[i : i + 1], [t_old[i]], [t_new[i]]).items():
                     maps[name] = bm[0].detach().numpy()
@@ -237,10 +237,14 @@ def bootstrap(per_seed: list, stat: Callable[[list], float], n: int = 1000, seed
     return (float(lo), float(hi))
 
 
+N_BOOT = 1000  # bootstrap resamples per interval (the quick demo lowers it)
+
+
 def figure(per_seed: list, stat: Callable[[list], float]) -> dict:
     """{"value": stat over all seeds' cases pooled, "ci95": [lo, hi], "per_seed": [...]}."""
     pooled = [r for rows in per_seed for r in rows]
-    return {"value": stat(pooled), "ci95": list(bootstrap(per_seed, stat)), "per_seed": [stat(r) for r in per_seed]}
+    return {"value": stat(pooled), "ci95": list(bootstrap(per_seed, stat, n=N_BOOT)),
+            "per_seed": [stat(r) for r in per_seed]}
 
 
 def edit_stats(rows_per_seed: list[list[dict]]) -> dict:

@@ -127,7 +127,8 @@ def write_html(path: Path, metrics: dict, examples: dict) -> None:
          "body{font-family:sans-serif;max-width:1250px;margin:auto;padding:0 10px} table{border-collapse:collapse}",
          "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:left} .miss{color:#b00;font-weight:bold}",
          ".met{color:#070;font-weight:bold} .na{color:#777} mark{background:#ffe27a} .ex{margin:14px 0;"
-         "border-top:1px solid #ddd;padding-top:8px} .ex p{margin:3px 0;font-size:13px} img{max-width:100%}</style>",
+         "border-top:1px solid #ddd;padding-top:8px} .ex p{margin:3px 0;font-size:13px} img{max-width:100%}",
+         "pre{white-space:pre-wrap;font-size:12px}</style>",
          "<h1>CVLM on chest X-ray phantoms</h1>",
          f"<p>Commit <code>{fmt(run.get('commit', '?'))}</code>, seeds {fmt(metrics['seeds'])}, "
          f"{fmt(run.get('date', '?'))}, torch {fmt(run.get('torch', '?'))}. The manipulator edits the image so "

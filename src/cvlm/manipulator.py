@@ -15,7 +15,7 @@ M needs nothing of the generator but the ``ReportGenerator`` interface: the edit
 as text, so any generator (the phantom CNN, a Hugging Face vision-encoder-decoder) can be
 explained, and x' is clipped to the valid range [0, 1] inside every optimisation (``clip``).
 
-Losses (CVLM, arXiv 2411.05261 sec. 3): cycle = summed token NLL of t' under the frozen generator
+Losses (CVLM, arXiv 2411.05261): cycle = summed token NLL of t' under the frozen generator
 at x' (gradient flows through G into x' and M; optionally hinged per token), proximity = L1 + total
 variation of delta, identity = L1 of delta when t' = t, and an optional common-mode penalty on
 the part of |delta| that the batch's edits share (``manipulator_losses``).

@@ -96,6 +96,7 @@ class DemoConfig:
     # "cvlm_from_zero" (the objective per image from zero, M unused) for that comparison too -
     # it doubles the refinement time of the evaluation
     methods: tuple[str, ...] = ("cvlm", "cvlm_m_alone", *BASELINES)
+    n_boot: int = 1000  # bootstrap resamples per 95 % interval
     # Wall-clock budget of the five trainings together (None: run the step counts exactly, which
     # is deterministic). Each training stops at its step count or when its share of the budget
     # (plus whatever earlier trainings left unused) is spent; metrics.json records the steps run.
@@ -115,7 +116,7 @@ class DemoConfig:
             budget_s=None,
             gen=GeneratorConfig(d_model=32, n_layers=1, n_heads=2, channels=(8, 16), image_size=32),
             gen2=GeneratorConfig(d_model=16, n_layers=1, n_heads=2, channels=(8, 16), image_size=32),
-            man=ManipulatorConfig(channels=(8, 16, 16), d_text=16, refine_steps=3),
+            man=ManipulatorConfig(channels=(8, 16, 16), d_text=16, refine_steps=3), n_boot=100,
         )  # fmt: skip
 
 
@@ -302,7 +303,10 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
 
 def summarise(records: list[dict]) -> dict:
     """Figures with 95 % intervals (two-level bootstrap over seeds and cases) from per-seed rows."""
+    from . import evaluate
+
     methods = tuple(records[0]["config"]["methods"])
+    evaluate.N_BOOT = int(records[0]["config"].get("n_boot", 1000))
     edits = {v: edit_stats([r["edits"][v] for r in records]) for v in records[0]["edits"]}
     loc = localisation_stats([r["localisation"] for r in records], methods)
     sc = shortcut_stats([r["shortcut"] for r in records], methods)
@@ -351,7 +355,10 @@ def run_demo(out: Path, cfg: DemoConfig, seeds: list[int] | None = None, progres
         if done.is_file():
             rec = json.loads(done.read_text())
             want = json.loads(json.dumps(asdict(dataclasses.replace(cfg, seed=s))))
-            if rec.get("config") != want:
+            default = json.loads(json.dumps(asdict(DemoConfig())))
+            saved = rec.get("config", {})
+            # a setting added since the seed ran counts as its default there
+            if set(saved) - set(want) or any(saved.get(k, default.get(k)) != v for k, v in want.items()):
                 raise UserError(done, "expected the same demo configuration to resume (delete the folder to rerun)")
             log(f"seed {s}: already done, reusing {done}")
         else:

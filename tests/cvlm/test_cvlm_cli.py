@@ -47,6 +47,7 @@ def test_quick_demo_writes_everything(demo_dir):
     assert not list(demo_dir.rglob("*.tmp"))  # atomic writes leave no temp files
 
 
+@pytest.mark.slow
 def test_demo_resumes_finished_seeds(demo_dir, capsys):
     before = (demo_dir / "seed_0" / "cases.json").stat().st_mtime_ns
     code, _, err = run(["demo", "--quick", "--out", str(demo_dir), "--seeds", "0", "--resume", "--no-progress"], capsys)
