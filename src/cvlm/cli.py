@@ -34,8 +34,9 @@ def _out_dir(out: Path, overwrite: bool, names: tuple[str, ...]) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("runs/cvlm-demo"), "--out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
     quick: bool = typer.Option(False, "--quick", help="tiny sizes, runs in seconds (a smoke test, not results)"),
@@ -50,10 +51,10 @@ def demo(
     """Train G, G2, M and the shortcut pair on phantoms per seed; write metrics.json, results.md and report.html."""
     from .pipeline import DemoConfig, run_demo
 
-    try:
-        seeds = [int(v) for t in seed_text for v in t.replace(",", " ").split()]
+    try:  # --seeds 0,1,2 / --seeds 0 --seeds 1 / --seeds 0 1 2 (the extra words)
+        seeds = [int(v) for t in [*seed_text, *ctx.args] for v in t.replace(",", " ").split()]
     except ValueError:
-        raise UserError("--seeds", f"expected whole numbers such as 0,1,2, got {' '.join(seed_text)!r}") from None
+        raise UserError("--seeds", f"expected whole numbers such as 0 1 2, got {' '.join([*seed_text, *ctx.args])!r}") from None
     _threads(threads)
     if not resume:
         _out_dir(out, overwrite, ("metrics.json", "report.html", *(f"seed_{s}" for s in seeds)))
