@@ -171,3 +171,58 @@ def test_negative_control_clean_generator_is_never_exposed():
     # an explainer that paints the marker whatever the generator reads fails the control
     bad = evaluate_shortcut(clean, Eraser("corner"), s_test, 4, S, 30, methods=("cvlm",))
     assert shortcut_stats([bad], methods=("cvlm",))["on_marker"]["cvlm"]["value"] == 1.0
+
+
+class BoxGenerator:
+    """Reports cardiomegaly when the mean of its box (rows and columns ``box``) exceeds 0.5."""
+
+    image_spec = ImageSpec(16)
+
+    def __init__(self, box):
+        self.box = box
+
+    def _evidence(self, images):
+        return images[:, 0, self.box, self.box].mean((1, 2)) - 0.5
+
+    def encode(self, images):
+        return images
+
+    def log_likelihood_from_features(self, feats, reports):
+        return torch.tensor([1.0 if "enlarged" in r else -1.0 for r in reports]) * self._evidence(feats)
+
+    def report_log_likelihood(self, images, reports):
+        return self.log_likelihood_from_features(images, reports)
+
+    def generate(self, images):
+        return ["The heart is enlarged." if e > 0 else "The heart is normal in size." for e in self._evidence(images)]
+
+
+class BoxPainter:
+    """Paints the box 2..6 bright to add cardiomegaly and dark to remove it; any other edit: no change."""
+
+    def manipulate(self, images, reports, base=None, gen=None, init=None):
+        out = images.clone()
+        for k, (r, b) in enumerate(zip(reports, base, strict=True)):
+            if ("enlarged" in r) != ("enlarged" in b):
+                out[k, :, 2:6, 2:6] = 0.9 if "enlarged" in r else 0.1
+        return out
+
+
+def test_transfer_scores_the_change_with_a_second_generator():
+    from cvlm.evaluate import edit_stats, evaluate_edits
+    from cvlm.phantoms import Phantom
+
+    g = torch.Generator().manual_seed(0)
+    test = [Phantom((torch.rand(16, 16, generator=g) * 0.4 + 0.3 * (k % 2)).numpy(), {}) for k in range(40)]
+    gen = BoxGenerator(slice(2, 6))
+    for g2, expect in ((BoxGenerator(slice(2, 6)), True), (BoxGenerator(slice(9, 13)), False)):
+        rows, _ = evaluate_edits(gen, BoxPainter(), test, seed=1, gen2=g2, variants=("cvlm",))
+        card = [r for r in rows["cvlm"] if r["finding"] == "cardiomegaly"]
+        assert card and all(r["success"] for r in card)  # G reads the painted box
+        scored = [r["transfer"] for r in card if r["transfer"] is not None]
+        assert scored and all(t is expect for t in scored)  # G2 states the edit only if it reads the same box
+        assert all(r["g2_collateral"] == 0 for r in rows["cvlm"])
+        stats = edit_stats([rows["cvlm"]])
+        assert stats["n_transfer"] == sum(r["transfer"] is not None for r in rows["cvlm"])
+        lo, hi = stats["transfer_success"]["ci95"]
+        assert lo <= stats["transfer_success"]["value"] <= hi
