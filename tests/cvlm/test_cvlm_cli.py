@@ -25,6 +25,21 @@ def run(argv, capsys):
     return code, out.out, out.err
 
 
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """One quick two-seed demo for every test here that needs saved checkpoints."""
+    out = tmp_path_factory.mktemp("demo")
+    old = sys.argv
+    sys.argv = ["cvlm", "demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "0,1"]
+    try:
+        main()
+    except SystemExit as e:
+        assert not e.code
+    finally:
+        sys.argv = old
+    return out
+
+
 def test_quick_demo_writes_everything(demo_dir):
     m = json.loads((demo_dir / "metrics.json").read_text())
     assert m["seeds"] == [0, 1]
@@ -156,3 +171,27 @@ def test_iu_corpus_is_readable_when_shipped():
         pytest.skip("torchxrayvision data files not installed")
     reports = [r for _, r in zip(range(200), iu_reports_from_xrv(), strict=False)]
     assert len(reports) == 200 and any("pneumothorax" in r.lower() for r in reports)
+
+
+def test_explain_on_a_real_chest_xray_jpeg(demo_dir, tmp_path, capsys):
+    from PIL import Image
+    from test_cvlm_images import pneumonia_jpegs
+
+    jpegs = pneumonia_jpegs()
+    if not jpegs:
+        pytest.skip("pneumonia-model-package not installed")
+    demo = demo_dir
+    out = tmp_path / "ex"
+    for edit in ("add small right effusion", "remove effusion"):
+        code, text, err = run(["explain", str(jpegs[0]), "--edit", edit, "--model", str(demo), "--out", str(out),
+                               "--overwrite"], capsys)  # fmt: skip
+        if code == 0:
+            break
+    assert code == 0, err
+    res = json.loads((out / "explanation.json").read_text())
+    assert res["image"] == str(jpegs[0]) and "effusion" in (res["edited_report"] + res["report"]).lower()
+    x_new = np.load(out / "manipulated.npy")
+    saved = np.asarray(Image.open(out / "manipulated.png"), dtype=np.float32) / 255
+    assert x_new.shape == saved.shape == (32, 32)
+    assert np.abs(np.clip(x_new, 0, 1) - saved).max() <= 0.5 / 255 + 1e-6  # the PNG is x' rounded to 8 bits
+    assert "report_of_saved_png" in res and "report_of_saved_png:" in text
