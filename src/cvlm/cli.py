@@ -44,7 +44,7 @@ def demo(
                                         "the option); with --resume a seed whose seed_N/cases.json exists is reused"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    budget_s: float = typer.Option(-1.0, "--budget-s", help="wall-clock seconds for the five trainings of a seed "
+    budget_s: float = typer.Option(-1.0, "--budget-s", help="CPU seconds for the five trainings of a seed "
                                    "(default: the config's; 0 = no time cap, run the step counts exactly)"),
     resume: bool = typer.Option(False, "--resume", help="continue a run in --out (reuse finished seeds)"),
 ) -> None:
