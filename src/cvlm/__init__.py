@@ -1,9 +1,13 @@
-"""CVLM: explain a chest X-ray report generator by cyclic manipulation, with measured faithfulness.
+"""CVLM: explain a chest X-ray report generator by cyclic manipulation (arXiv 2411.05261), with
+measured faithfulness.
 
 The pieces (see ``docs/cvlm.md``): procedural phantoms with ground-truth masks (``phantoms``),
-radiology-style reports and a rule-based labeller (``reports``), a pluggable report generator
-(``generator``), the report-conditioned manipulator (``manipulator``), explanation maps and
-baselines (``explain``), faithfulness metrics (``metrics``) and the demo pipeline (``pipeline``).
+report text - writing, a CheXpert-style labeller and edits of a generator's own text
+(``report_text``), the ``ReportGenerator`` interface and the default CNN generator
+(``generator``), a Hugging Face adapter (``hf``), real images and report folders (``data``), the
+report-conditioned manipulator (``manipulator``), explanation maps and baselines (``explain``),
+metrics (``metrics``), the evaluation with intervals (``evaluate``), the demo (``pipeline``) and
+its HTML page (``html_report``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

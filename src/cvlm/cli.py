@@ -34,38 +34,62 @@ def _out_dir(out: Path, overwrite: bool, names: tuple[str, ...]) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("runs/cvlm-demo"), "--out", help="output folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
     quick: bool = typer.Option(False, "--quick", help="tiny sizes, runs in seconds (a smoke test, not results)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed_text: list[str] = typer.Option(["0"], "--seeds", "--seed", help="seeds, e.g. --seeds 0,1,2 (or repeat "
+                                        "the option); with --resume a seed whose seed_N/cases.json exists is reused"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    budget_s: float = typer.Option(-1.0, "--budget-s", help="wall-clock seconds for the four trainings together "
+    budget_s: float = typer.Option(-1.0, "--budget-s", help="CPU seconds for the five trainings of a seed "
                                    "(default: the config's; 0 = no time cap, run the step counts exactly)"),
+    resume: bool = typer.Option(False, "--resume", help="continue a run in --out (reuse finished seeds)"),
 ) -> None:
-    """Train generator, manipulator and the shortcut pair on phantoms; write metrics.json and report.html."""
+    """Train G, G2, M and the shortcut pair on phantoms per seed; write metrics.json, results.md and report.html."""
     from .pipeline import DemoConfig, run_demo
 
+    try:  # --seeds 0,1,2 / --seeds 0 --seeds 1 / --seeds 0 1 2 (the extra words)
+        seeds = [int(v) for t in [*seed_text, *ctx.args] for v in t.replace(",", " ").split()]
+    except ValueError:
+        raise UserError("--seeds", f"expected whole numbers such as 0 1 2, got {' '.join([*seed_text, *ctx.args])!r}") from None
     _threads(threads)
-    _out_dir(out, overwrite, ("metrics.json", "report.html", "generator.pt"))
+    if not resume:
+        _out_dir(out, overwrite, ("metrics.json", "report.html", *(f"seed_{s}" for s in seeds)))
     cfg = DemoConfig.quick() if quick else DemoConfig()
-    cfg.seed = seed
     if budget_s >= 0:
         cfg.budget_s = budget_s or None
-    m = run_demo(out, cfg, progress=progress, log=lambda s: typer.echo(s, err=True))
+    m = run_demo(out, cfg, seeds=seeds, progress=progress, log=lambda s: typer.echo(s, err=True))
     for k, t in m["targets"].items():
-        typer.echo(f"{k:38s} {t['value']:.3f}  target {t['target']:8s} {'met' if t['met'] else 'MISSED'}")
-    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.html'} in {m['seconds']['total']:.0f} s")
+        lo, hi = t["ci95"]
+        typer.echo(f"{k:36s} {t['value']:.3f} [{lo:.3f}, {hi:.3f}]  target {t['target']:7s} "
+                   f"{'met' if t['met'] else 'missed'}")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'results.md'} and {out / 'report.html'} "
+               f"in {m['run']['seconds_this_call']:.0f} s")
+
+
+def _model_folder(model: Path) -> Path:
+    """A demo output folder holds one folder per seed: use the first seed's checkpoints."""
+    if not (model / "generator.pt").is_file() and model.is_dir():
+        seeds = sorted(model.glob("seed_*/generator.pt"))
+        if seeds:
+            return seeds[0].parent
+    return model
 
 
 @app.command()
 def explain(
-    image: Path = typer.Argument(..., help="a PNG/JPEG chest X-ray (or a phantom from `cvlm phantom`)"),
+    image: Path = typer.Argument(..., help="a chest X-ray: PNG (8 or 16 bit), JPEG, or DICOM with pydicom installed"),
     edit: str = typer.Option(..., "--edit", help='e.g. "remove effusion", "add small left upper nodule", "flip effusion"'),
-    model: Path = typer.Option(Path("runs/cvlm-demo"), "--model", help="folder with generator.pt and manipulator.pt"),
-    out: Path = typer.Option(Path("runs/cvlm-explain"), "--out", help="output folder for PNGs and explanation.json"),
+    model: Path = typer.Option(Path("runs/cvlm-demo"), "--model", help="folder with generator.pt and manipulator.pt "
+                               "(a `cvlm demo` output folder: its first seed)"),
+    generator: Path = typer.Option(None, "--generator", help="a Hugging Face image-to-text model folder "
+                                   "(VisionEncoderDecoderModel or the same generate / labels contract) to explain "
+                                   "instead of generator.pt; M from --model is used if present, else the change "
+                                   "is optimised from zero"),
+    out: Path = typer.Option(Path("runs/cvlm-explain"), "--out", help="output folder for PNGs, .npy and explanation.json"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: int = typer.Option(1, "--threads"),
     refine_steps: int | None = typer.Option(
@@ -75,19 +99,30 @@ def explain(
         None, "--refine-init", help="start the optimisation from 'zero' or from M's change, 'manipulator' (default: as saved)"
     ),
 ) -> None:
-    """Explain the saved generator's report of IMAGE under an edit: writes x', |x' - x| and the report change."""
+    """Explain a generator's report of IMAGE under an edit of that report: writes x' (PNG and the
+    float .npy), the signed and absolute change, and explanation.json with the report G writes for
+    x' and for the saved 8-bit PNG."""
     import dataclasses
 
     import torch
 
     from .data import load_image
+    from .html_report import save_png
+    from .manipulator import Manipulator, ManipulatorConfig
     from .pipeline import load_generator, load_manipulator
-    from .report import save_png
-    from .reports import label_report, parse_edit, write_report
+    from .report_text import edit_text, label_report, parse_edit
 
     _threads(threads)
-    gen = load_generator(model / "generator.pt")
-    manip = load_manipulator(model / "manipulator.pt")
+    model = _model_folder(model)
+    if generator is not None:
+        from .hf import HFReportGenerator
+
+        gen = HFReportGenerator.from_pretrained(generator)
+        has_m = (model / "manipulator.pt").is_file()
+        manip = load_manipulator(model / "manipulator.pt") if has_m else Manipulator(ManipulatorConfig(refine_init="zero"))
+    else:
+        gen = load_generator(model / "generator.pt")
+        manip = load_manipulator(model / "manipulator.pt")
     overrides = {k: v for k, v in (("refine_steps", refine_steps), ("refine_init", refine_init)) if v is not None}
     try:  # ManipulatorConfig validates its own fields ("<field>: expected ...")
         manip.cfg = dataclasses.replace(manip.cfg, **overrides)
@@ -95,20 +130,32 @@ def explain(
         field, _, message = str(e).partition(": ")
         raise UserError("--" + field.replace("_", "-"), message) from None
     _out_dir(out, overwrite, ("explanation.json",))
-    x = torch.from_numpy(load_image(image, gen.cfg.image_size))[None, None]
+    x = torch.from_numpy(load_image(image, gen.image_spec.size))[None, None]
     t = gen.generate(x)[0]
     before = label_report(t)
     e = parse_edit(edit, before)
-    t_new = write_report(e.apply(before))
+    t_new = edit_text(t, e)
     x_new = manip.manipulate(x, [t_new], [t], gen=gen)
     t_regen = gen.generate(x_new)[0]
     delta = (x_new - x)[0, 0].numpy()
-    save_png(out / "manipulated.png", np.clip(x_new[0, 0].numpy(), 0, 1), scale=4)
-    save_png(out / "cvlm_map.png", np.abs(delta), cmap="inferno", scale=4)
-    ok = label_report(t_regen).get(e.name) == e.apply(before).get(e.name)
-    res = {"image": str(image), "edit": e.describe(), "report": t, "edited_report": t_new,
-           "regenerated_report": t_regen, "cycle_success": ok, "mean_abs_delta": float(np.abs(delta).mean()),
-           "refine_steps": manip.cfg.refine_steps, "refine_init": manip.cfg.refine_init}  # fmt: skip
+    scale = max(1, 256 // gen.image_spec.size)
+    save_png(out / "original.png", x[0, 0].numpy(), scale=scale)
+    save_png(out / "manipulated.png", np.clip(x_new[0, 0].numpy(), 0, 1), scale=1)
+    np.save(out / "manipulated.npy", x_new[0, 0].numpy())  # float x', not rounded to 8 bits
+    save_png(out / "cvlm_map.png", np.abs(delta), cmap="inferno", scale=scale)
+    lim = float(np.abs(delta).max()) or 1.0
+    save_png(out / "signed_change.png", delta, cmap="RdBu_r", scale=scale, limits=(-lim, lim))  # 0 = white
+    # what G writes for the PNG as saved (8-bit, clipped): the file a reader would look at
+    saved = torch.from_numpy(load_image(out / "manipulated.png", gen.image_spec.size))[None, None]
+    t_saved = gen.generate(saved)[0]
+    target = e.apply(before).get(e.name)
+    ok = label_report(t_regen).get(e.name) == target
+    res = {"image": str(image), "generator": str(generator) if generator is not None else str(model / "generator.pt"),
+           "edit": e.describe(), "report": t, "edited_report": t_new, "regenerated_report": t_regen,
+           "cycle_success": ok, "report_of_saved_png": t_saved,
+           "cycle_success_saved_png": label_report(t_saved).get(e.name) == target,
+           "mean_abs_delta": float(np.abs(delta).mean()), "refine_steps": manip.cfg.refine_steps,
+           "refine_init": manip.cfg.refine_init}  # fmt: skip
     atomic_write_text(out / "explanation.json", json.dumps(res, indent=2))
     for k, v in res.items():
         typer.echo(f"{k}: {v}")
@@ -126,9 +173,9 @@ def phantom(
     import csv
     import io
 
+    from .html_report import save_png
     from .phantoms import make_dataset
-    from .report import save_png
-    from .reports import write_report
+    from .report_text import write_report
 
     _out_dir(out, overwrite, ("reports.csv",))
     buf = io.StringIO()
@@ -144,16 +191,19 @@ def phantom(
 @app.command("data-check")
 def data_check(
     source: Path = typer.Argument(..., help="reports CSV, IU X-ray XML folder or MIMIC-CXR folder"),
-    images: Path = typer.Option(None, "--images", help="image folder if not beside the reports"),
+    images: Path = typer.Option(None, "--images", help="image root if not beside the reports (e.g. MIMIC-CXR-JPG's "
+                                "files/ tree for MIMIC-CXR's report tree)"),
     size: int = typer.Option(64, "--size"),
+    all_views: bool = typer.Option(False, "--all-views", help="keep lateral views too (default: frontal only "
+                                   "where a metadata file names the views)"),
 ) -> None:
     """Validate a real image/report folder: every image readable, every report labelled."""
     from collections import Counter
 
     from .data import load_image, load_studies
-    from .reports import label_report
+    from .report_text import label_report
 
-    studies = load_studies(source, images)
+    studies = load_studies(source, images, frontal_only=not all_views)
     counts: Counter[str] = Counter()
     for s in studies:
         load_image(s.image_path, size)
@@ -164,7 +214,7 @@ def data_check(
 @app.command()
 def labels(text: str = typer.Argument(..., help="a report")) -> None:
     """Run the rule-based labeller on a report and print the findings."""
-    from .reports import label_report
+    from .report_text import label_report
 
     f = label_report(text)
     typer.echo(json.dumps({k: {a: getattr(v, a) for a in ("side", "zone", "size") if getattr(v, a)} for k, v in f.items()}))

@@ -2,8 +2,11 @@
 
 A ``UserError`` is a mistake the user can fix (missing file, unreadable image, bad edit text). The
 CLI prints it as one line ``error: <file>[:<line>]: <what was expected>`` and exits with code 2,
-without a traceback; anything else is a bug and keeps its traceback. Kept separate from
-``mtlora.errors`` so that the two packages stay independent.
+without a traceback; anything else is a bug and keeps its traceback.
+
+This is deliberately a copy of ``mtlora.errors`` (the same ``UserError`` and atomic writes), not an
+import of it: ``cvlm`` must not depend on ``mtlora`` (it is installed, tested and cited on its
+own), and a shared third package for 50 lines would cost more than the copy.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ edit is about, the contrastive score ``s(x) = log p(t | x) - log p(t' | x)`` of 
 generator (how much the image supports the current report over the edited one), so every method
 answers the same question on the same model:
 
-- CVLM: ``|x' - x|`` with ``x' = x + M(x, t')``.
+- CVLM: ``|x' - x|`` with ``x' = clip(x + M(x, t'))``, optionally refined per image.
 - Grad-CAM: gradient-weighted activations of the generator's last spatial feature map, upsampled.
 - Integrated gradients: ``(x - x0) * mean_alpha grad s(x0 + alpha (x - x0))``, black baseline x0,
   absolute value.
@@ -25,7 +25,7 @@ from .manipulator import Manipulator
 
 
 def contrastive_score(gen: ReportGenerator, images: Tensor, t: list[str], t_new: list[str]) -> Tensor:
-    return gen.log_likelihood(images, t) - gen.log_likelihood(images, t_new)
+    return gen.report_log_likelihood(images, t) - gen.report_log_likelihood(images, t_new)
 
 
 def cvlm_map(
@@ -38,8 +38,7 @@ def cvlm_map(
 ) -> tuple[Tensor, Tensor]:
     """The manipulated images x' and the CVLM map |x' - x| for the edit t -> t': M alone without
     ``gen``; with it, refined through the generator (``Manipulator.manipulate``, ``init``)."""
-    with torch.no_grad():
-        x_new = manip.manipulate(images, t_new, t, gen=gen, init=init)
+    x_new = manip.manipulate(images, t_new, t, gen=gen, init=init).detach()
     return x_new, (x_new - images).abs()[:, 0]
 
 

@@ -18,21 +18,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reports import REPORT_DIM, Tokenizer
+from .report_text import REPORT_DIM, Tokenizer
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The images a generator reads: ``size`` x ``size`` pixels, ``channels`` and the per-channel
+    ``mean`` / ``std`` it normalises with. Callers always pass grey (B, 1, size, size) images in
+    [0, 1] (the space the manipulator edits and clips in); the generator repeats and normalises."""
+
+    size: int
+    channels: int = 1
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def normalise(self, images: Tensor) -> Tensor:
+        x = images.expand(-1, self.channels, -1, -1) if images.shape[1] != self.channels else images
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
 
 
 @runtime_checkable
 class ReportGenerator(Protocol):
-    """What an explainable report generator must offer (images are (B, 1, H, W) in [0, 1])."""
+    """All that the manipulator, the refinement, the baselines and the metrics need of a report
+    generator; images are grey (B, 1, S, S) in [0, 1] with S = ``image_spec.size``."""
 
-    tokenizer: Tokenizer
+    image_spec: ImageSpec
 
     def generate(self, images: Tensor) -> list[str]:
         """Greedy reports, one per image."""
         ...
 
-    def log_likelihood(self, images: Tensor, reports: list[str]) -> Tensor:
-        """Sum of token log-probabilities of each report given its image, shape (B,); differentiable."""
+    def report_log_likelihood(self, images: Tensor, reports: list[str]) -> Tensor:
+        """Sum of the log-probabilities of each report's tokens (the generator's own tokenizer)
+        given its image, shape (B,); differentiable in the images."""
         ...
 
 
@@ -45,6 +65,16 @@ class FeatureGenerator(ReportGenerator, Protocol):
         ...
 
     def log_likelihood_from_features(self, feats: Tensor, reports: list[str]) -> Tensor: ...
+
+
+def report_nll(gen: ReportGenerator, images: Tensor, reports: list[str], margin: float = 0.0) -> Tensor:
+    """Summed negative log-likelihood of each report (B,): the cycle loss. With ``margin`` > 0 and a
+    generator that also gives per-token log-probabilities (``token_log_likelihoods``, (B, T), 0 at
+    padding), each token counts only beyond ``margin`` nats (a hinge), so that nothing is gained by
+    making G more confident of tokens it already predicts; otherwise the plain sum."""
+    if margin > 0 and hasattr(gen, "token_log_likelihoods"):
+        return F.relu(-gen.token_log_likelihoods(images, reports) - margin).sum(1)
+    return -gen.report_log_likelihood(images, reports)
 
 
 @dataclass
@@ -103,8 +133,12 @@ class CXRReportGenerator(nn.Module):
         self.finding_head = nn.Linear(2 * cfg.d_model, REPORT_DIM)
 
     # -- pieces ---------------------------------------------------------------------------------
+    @property
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(self.cfg.image_size, 1, (0.3,), (0.2,))
+
     def encode(self, images: Tensor) -> Tensor:
-        return self.encoder((images - 0.3) / 0.2)
+        return self.encoder(self.image_spec.normalise(images))
 
     def _memory(self, feats: Tensor) -> Tensor:
         mem = feats.flatten(2).transpose(1, 2)
@@ -119,12 +153,7 @@ class CXRReportGenerator(nn.Module):
         return self.head(self.norm(h))
 
     def batch_tokens(self, reports: list[str]) -> Tensor:
-        ids = [self.tokenizer.encode(r)[: self.cfg.max_len] for r in reports]
-        T = max(len(i) for i in ids)
-        out = torch.full((len(ids), T), Tokenizer.PAD, dtype=torch.long)
-        for k, i in enumerate(ids):
-            out[k, : len(i)] = torch.tensor(i)
-        return out
+        return pad_tokens([self.tokenizer.encode(r)[: self.cfg.max_len] for r in reports])
 
     def token_logprobs(self, feats: Tensor, tokens: Tensor) -> Tensor:
         """Log-probability of each target token (B, T-1); 0 at padding."""
@@ -136,8 +165,11 @@ class CXRReportGenerator(nn.Module):
     def log_likelihood_from_features(self, feats: Tensor, reports: list[str]) -> Tensor:
         return self.token_logprobs(feats, self.batch_tokens(reports).to(feats.device)).sum(1)
 
-    def log_likelihood(self, images: Tensor, reports: list[str]) -> Tensor:
+    def report_log_likelihood(self, images: Tensor, reports: list[str]) -> Tensor:
         return self.log_likelihood_from_features(self.encode(images), reports)
+
+    def token_log_likelihoods(self, images: Tensor, reports: list[str]) -> Tensor:
+        return self.token_logprobs(self.encode(images), self.batch_tokens(reports).to(images.device))
 
     def loss(self, images: Tensor, tokens: Tensor, findings: Tensor | None = None) -> Tensor:
         """Mean token cross-entropy (teacher forcing), plus ``aux_weight`` x the binary
@@ -152,14 +184,6 @@ class CXRReportGenerator(nn.Module):
     def finding_logits(self, feats: Tensor) -> Tensor:
         """Auxiliary head: (B, 48) finding-vector logits from the pooled encoder grid."""
         return self.finding_head(torch.cat([feats.mean((2, 3)), feats.amax((2, 3))], 1))
-
-    def sequence_nll(self, images: Tensor, tokens: Tensor, margin: float = 0.0) -> Tensor:
-        """Summed token NLL per sequence (B,), used as the cycle loss so that the few tokens an
-        edit changes are not diluted by the many it keeps. With ``margin`` > 0 each token counts
-        only beyond ``margin`` nats (a hinge): a token G already predicts confidently adds nothing,
-        so the manipulator gains nothing from making G more confident of what it already says."""
-        nll = -self.token_logprobs(self.encode(images), tokens)
-        return (F.relu(nll - margin) if margin > 0 else nll).sum(1)
 
     @torch.no_grad()
     def generate(self, images: Tensor, batch_size: int = 128) -> list[str]:
@@ -194,6 +218,15 @@ class CXRReportGenerator(nn.Module):
         model = cls(Tokenizer(list(state["vocab"])[len(Tokenizer.SPECIAL) :]), GeneratorConfig(**cfg))
         model.load_state_dict(state["weights"])
         return model.eval()
+
+
+def pad_tokens(ids: list[list[int]]) -> Tensor:
+    """Right-pad token id lists with ``Tokenizer.PAD`` into one (B, T) tensor."""
+    T = max(len(i) for i in ids)
+    out = torch.full((len(ids), T), Tokenizer.PAD, dtype=torch.long)
+    for k, i in enumerate(ids):
+        out[k, : len(i)] = torch.tensor(i)
+    return out
 
 
 def augment(images: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:

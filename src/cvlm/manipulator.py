@@ -11,8 +11,12 @@ like, and it makes pixel-level adversarial noise (which would fool G without exp
 harder to produce. The last layer starts at zero, so M starts as the identity. By default the
 condition also carries the change v(t') - v(t) from the generator's current report t.
 
-Losses (DESIGN.md section 5): cycle = summed token NLL of t' under the frozen generator at x'
-(gradient flows through G into x' and M; optionally hinged per token), proximity = L1 + total
+M needs nothing of the generator but the ``ReportGenerator`` interface: the edited report goes in
+as text, so any generator (the phantom CNN, a Hugging Face vision-encoder-decoder) can be
+explained, and x' is clipped to the valid range [0, 1] inside every optimisation (``clip``).
+
+Losses (CVLM, arXiv 2411.05261): cycle = summed token NLL of t' under the frozen generator
+at x' (gradient flows through G into x' and M; optionally hinged per token), proximity = L1 + total
 variation of delta, identity = L1 of delta when t' = t, and an optional common-mode penalty on
 the part of |delta| that the batch's edits share (``manipulator_losses``).
 """
@@ -25,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reports import REPORT_DIM, Tokenizer, report_vector
+from .generator import ReportGenerator, report_nll
+from .report_text import REPORT_DIM, report_vector
 
 
 @dataclass
@@ -45,18 +50,17 @@ class ManipulatorConfig:
     # rate ``refine_lr``) on the image's own copy of the objective M was trained on (cycle + L1 +
     # total variation), starting from M's residual ("manipulator") or from zero ("zero": the
     # objective solved for this image alone, M unused). 0 steps = M alone, one forward pass.
-    # Measured in docs/cvlm.md: both reach the edited report on every held-out edit; from zero the
-    # change lands on the finding more often (committed demo: pointing 0.96 vs 0.69), but on the
-    # shortcut generator it rarely lands on the planted marker the generator reads (2 of 24 vs 20
-    # of 24 from M's residual), which is why M's residual is the default start.
+    # The demo chooses the start and the total-variation weight on a validation split.
     refine_steps: int = 200
     refine_lr: float = 5e-3
     refine_init: str = "manipulator"
     # overrides of M's training weights for the refinement: a strong total variation makes the
-    # refined change one compact region instead of speckle (pointing 0.23 -> 0.42 on one saved demo
-    # model, 0.42-0.50 -> 0.65 on another, docs/cvlm.md), while M itself trains at the default 0.3:
-    # trained at 10, two of five manipulators (in two demo runs) collapsed to the identity
+    # refined change one compact region instead of speckle, while M itself trains at the default
+    # 0.3 (trained at 10, M can collapse to the identity; docs/cvlm.md)
     refine_weights: dict[str, float] = field(default_factory=lambda: {"tv": 10.0})
+    # x' = clip(x + delta, 0, 1) in training, refinement and output: a change that leaves the
+    # valid intensity range cannot be saved as an image, so it must not count as an explanation
+    clip: bool = True
 
     def __post_init__(self) -> None:
         if self.refine_init not in REFINE_INITS:
@@ -65,7 +69,7 @@ class ManipulatorConfig:
             raise ValueError(f"refine_steps: expected a number >= 0, got {self.refine_steps}")
 
 
-# "margin": per-token hinge of the cycle loss in nats (``CXRReportGenerator.sequence_nll``)
+# "margin": per-token hinge of the cycle loss in nats (``generator.report_nll``)
 # "common": penalty on the part of |delta| shared by the batch's different edits (see below)
 REFINE_INITS = ("zero", "manipulator")
 DEFAULT_WEIGHTS = {"cycle": 1.0, "l1": 1.0, "tv": 0.3, "identity": 10.0, "margin": 0.0, "common": 0.0}
@@ -103,9 +107,8 @@ class FiLMBlock(nn.Module):
 class Manipulator(nn.Module):
     """U-Net residual generator conditioned on the edited report by FiLM."""
 
-    def __init__(self, tokenizer: Tokenizer, cfg: ManipulatorConfig | None = None):
+    def __init__(self, cfg: ManipulatorConfig | None = None):
         super().__init__()
-        self.tokenizer = tokenizer
         self.cfg = cfg = cfg or ManipulatorConfig()
         c1, c2, c3 = cfg.channels
         d = cfg.d_text
@@ -155,21 +158,25 @@ class Manipulator(nn.Module):
         images: Tensor,
         reports: list[str],
         base: list[str] | None = None,
-        gen: nn.Module | None = None,
+        gen: ReportGenerator | None = None,
         init: str | None = None,
     ) -> Tensor:
         """x' = x + M(x, t') for edited report strings t' of images whose current reports are ``base``;
         with the (frozen) generator ``gen`` and ``cfg.refine_steps`` > 0, x' = x + the refined
         change (``refine``, from zero or from M's residual: ``init``, by default ``cfg.refine_init``)."""
         if gen is not None and self.cfg.refine_steps > 0 and (init or self.cfg.refine_init) == "zero":
-            return images + self.refine(gen, images, torch.zeros_like(images), reports)
+            return self.apply_delta(images, self.refine(gen, images, torch.zeros_like(images), reports))
         with torch.no_grad():
             delta = self(images, self.encode_reports(reports, base).to(images.device))
         if gen is not None and self.cfg.refine_steps > 0:
             delta = self.refine(gen, images, delta, reports)
-        return images + delta
+        return self.apply_delta(images, delta)
 
-    def refine(self, gen: nn.Module, images: Tensor, delta: Tensor, reports: list[str]) -> Tensor:
+    def apply_delta(self, images: Tensor, delta: Tensor) -> Tensor:
+        """x' = x + delta, clipped to [0, 1] when ``cfg.clip``."""
+        return (images + delta).clamp(0, 1) if self.cfg.clip else images + delta
+
+    def refine(self, gen: ReportGenerator, images: Tensor, delta: Tensor, reports: list[str]) -> Tensor:
         """``cfg.refine_steps`` Adam steps on ``delta`` (the starting change) on the per-image
         objective M was trained on: cycle (with its hinge) + L1 + total variation, with M's
         training weights overridden by ``cfg.refine_weights``.
@@ -183,43 +190,35 @@ class Manipulator(nn.Module):
         per-image terms and Adam is per element), so the result does not depend on which images
         share a batch. Only delta receives gradients; the generator's parameters are never touched."""
         w = {**DEFAULT_WEIGHTS, **self.loss_weights, **self.cfg.refine_weights}
-        tokens = gen.batch_tokens(reports).to(images.device)
-        delta = delta.detach().clone().requires_grad_(True)
+        delta = delta.detach().clone()
+        if self.cfg.clip:
+            delta = (images + delta).clamp(0, 1) - images
+        delta.requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=self.cfg.refine_lr)
         with torch.enable_grad():
             for _ in range(self.cfg.refine_steps):
-                loss = (gen.sequence_nll(images + delta, tokens, w["margin"]) + w["l1"] * delta.abs().flatten(1).mean(1)
+                loss = (report_nll(gen, images + delta, reports, w["margin"]) + w["l1"] * delta.abs().flatten(1).mean(1)
                         + w["tv"] * total_variation(delta)).sum()  # fmt: skip
                 (grad,) = torch.autograd.grad(loss, delta)
                 delta.grad = grad
                 opt.step()
+                if self.cfg.clip:  # projected step: x + delta stays a valid image
+                    with torch.no_grad():
+                        delta.copy_((images + delta).clamp(0, 1) - images)
         return delta.detach()
 
     def state(self) -> dict:
-        return {"kind": "Manipulator", "config": asdict(self.cfg), "vocab": self.tokenizer.itos,
-                "weights": self.state_dict(), "loss_weights": dict(self.loss_weights)}
+        return {"kind": "Manipulator", "config": asdict(self.cfg), "weights": self.state_dict(),
+                "loss_weights": dict(self.loss_weights)}
 
     @classmethod
     def from_state(cls, state: dict) -> Manipulator:
         cfg = dict(state["config"])
         cfg["channels"] = tuple(cfg["channels"])
-        m = cls(Tokenizer(list(state["vocab"])[len(Tokenizer.SPECIAL) :]), ManipulatorConfig(**cfg))
+        m = cls(ManipulatorConfig(**cfg))
         m.load_state_dict(state["weights"])
         m.loss_weights = dict(state.get("loss_weights", {}))
         return m.eval()
-
-
-def pad_tokens(ids: list[list[int]]) -> Tensor:
-    """Right-pad token id lists with ``Tokenizer.PAD`` into one (B, T) tensor."""
-    T = max(len(i) for i in ids)
-    out = torch.full((len(ids), T), Tokenizer.PAD, dtype=torch.long)
-    for k, i in enumerate(ids):
-        out[k, : len(i)] = torch.tensor(i)
-    return out
-
-
-def encode_batch(tokenizer: Tokenizer, reports: list[str], max_len: int) -> Tensor:
-    return pad_tokens([tokenizer.encode(r)[:max_len] for r in reports])
 
 
 def total_variation(delta: Tensor) -> Tensor:
@@ -234,19 +233,19 @@ def total_variation(delta: Tensor) -> Tensor:
 
 def manipulator_losses(
     manip: Manipulator,
-    gen: nn.Module,
+    gen: ReportGenerator,
     images: Tensor,
-    tokens: Tensor,
+    reports: list[str],
     cond: Tensor,
     identity: Tensor,
     weights: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
-    """The training losses for one batch: ``tokens`` and ``cond`` are the edited report as the
-    generator's tokens and as M's condition; ``gen`` must be frozen (no parameter gradients)."""
+    """The training losses for one batch: ``reports`` and ``cond`` are the edited reports t' as
+    text and as M's condition; ``gen`` must be frozen (no parameter gradients)."""
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     delta = manip(images, cond)
-    x_new = images + delta
-    cycle = gen.sequence_nll(x_new, tokens, w["margin"])  # (B,)  gradient flows through frozen G into x'
+    x_new = manip.apply_delta(images, delta)
+    cycle = report_nll(gen, x_new, reports, w["margin"])  # (B,)  gradient flows through frozen G into x'
     l1 = delta.abs().flatten(1).mean(1)
     tv = total_variation(delta)
     ident = identity.float()

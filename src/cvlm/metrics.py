@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .phantoms import FINDINGS, Findings, dilate
-from .reports import Edit, state
+from .report_text import Edit, state
 
 
 def cycle_success(edit: Edit, before: Findings, after: Findings) -> bool:
@@ -27,12 +27,14 @@ def collateral_changes(edit: Edit, before: Findings, after: Findings) -> tuple[i
 def pointing_game(saliency: np.ndarray, mask: np.ndarray, tolerance: int = 2) -> bool:
     """Hit when the map's maximum lies in the mask dilated by ``tolerance`` pixels.
 
-    A constant map has no maximum to point with and counts as a miss.
+    Ties count against the map: the hit needs *every* pixel that attains the maximum inside the
+    dilated mask (``argmax`` would pick the first, top-left one, and reward a flat map whose
+    plateau happens to start in the upper-left findings). A constant map is therefore a miss.
     """
     if not mask.any() or np.ptp(saliency) == 0:
         return False
-    y, x = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
-    return bool(dilate(mask.astype(bool), tolerance)[y, x])
+    top = saliency == saliency.max()
+    return bool(dilate(mask.astype(bool), tolerance)[top].all())
 
 
 def topk_iou(saliency: np.ndarray, mask: np.ndarray) -> float:

@@ -224,13 +224,18 @@ def render(
     findings: Findings,
     seed: int,
     size: int = 128,
-    marker: bool = False,
+    marker: bool | str = False,
     noise: float = 0.02,
 ) -> Phantom:
     """Render a phantom with the given findings; the same ``seed`` gives the same anatomy.
 
     Because anatomy depends on ``seed`` only, ``render(f1, s)`` and ``render(f2, s)`` differ
     exactly in the findings, which the tests use as a counterfactual pair.
+
+    ``marker``: False, True / "corner" (a hollow square in the top-left corner) or "random" (the
+    same square at a position drawn from ``seed`` alone, at least 10 % of the side away from the
+    frame and off the heart even when enlarged, so that it is neither a frame artefact nor part
+    of the finding).
     """
     rng = np.random.default_rng(seed)
     h = w = size
@@ -344,8 +349,17 @@ def render(
     if marker:
         m = np.zeros((h, w), bool)
         a, b = int(3 * s), int(11 * s)
-        m[a:b, a:b] = True
-        m[a + int(2 * s) : b - int(2 * s), a + int(2 * s) : b - int(2 * s)] = False  # a hollow square
+        y0 = x0 = 0
+        if marker == "random":
+            big = ((xx - hx) / (rx * 1.6)) ** 2 + ((yy - hy) / (ry * 1.4)) ** 2 < 1.2  # the heart as if enlarged
+            mrng = np.random.default_rng([seed, 11])
+            lo, hi = int(0.1 * size), int(0.9 * size) - b
+            for _ in range(100):
+                y0, x0 = (int(v) - a for v in mrng.integers(lo, hi, size=2))
+                if not big[y0 + a : y0 + b, x0 + a : x0 + b].any():
+                    break
+        m[y0 + a : y0 + b, x0 + a : x0 + b] = True
+        m[y0 + a + int(2 * s) : y0 + b - int(2 * s), x0 + a + int(2 * s) : x0 + b - int(2 * s)] = False  # hollow
         img[m] = 0.95
         masks[MARKER_NAME] = m
     gain = rng.uniform(0.93, 1.07)
@@ -371,19 +385,21 @@ def make_dataset(
     p: float = 0.3,
     shortcut: str | None = None,
     shortcut_rate: float = 1.0,
+    marker: str = "corner",
 ) -> list[Phantom]:
     """``n`` phantoms with seeds ``seed*1_000_003 + i`` (disjoint streams for train/test seeds).
 
     With ``shortcut=NAME`` the planted marker appears with probability ``shortcut_rate`` when the
-    finding NAME is present (and ``1 - shortcut_rate`` when it is absent).
+    finding NAME is present (and ``1 - shortcut_rate`` when it is absent), placed as ``marker``
+    says ("corner" or "random", see ``render``).
     """
     out = []
     for i in range(n):
         s = seed * 1_000_003 + i
         rng = np.random.default_rng([s, 7])
         f = sample_findings(rng, p)
-        marker = False
+        has = False
         if shortcut is not None:
-            marker = bool(rng.random() < (shortcut_rate if shortcut in f else 1 - shortcut_rate))
-        out.append(render(f, s, size=size, marker=marker))
+            has = bool(rng.random() < (shortcut_rate if shortcut in f else 1 - shortcut_rate))
+        out.append(render(f, s, size=size, marker=marker if has else False))
     return out

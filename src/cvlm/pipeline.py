@@ -1,40 +1,60 @@
-"""The demo pipeline: data -> generator -> manipulator -> shortcut pair -> evaluation -> outputs.
+"""The demo pipeline: phantoms -> generators -> manipulators -> evaluation -> outputs, per seed,
+then the seeds together with intervals.
 
-Everything is seeded, so the same command gives the same numbers on the same machine. Held-out
-phantoms use different seed streams from the training phantoms.
+Per seed: the generator G, a second generator G2 (other seed, other width) that only scores
+transfer, the manipulator M for G, and the shortcut pair (G_s, M_s) trained where a marker goes
+with the finding on part of the cases. Tuning choices of the refinement (total-variation weight,
+start from M or from zero) are made on a validation split; the test split is scored once.
+Held-out phantoms use seed streams disjoint from the training ones. ``run_demo`` is resumable:
+a seed whose ``seed_N/cases.json`` exists is not run again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import platform
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError, atomic_write, atomic_write_text
-from .explain import BASELINES, baseline_maps, cvlm_map
+from .evaluate import (
+    CVLM_VARIANTS,
+    SHORTCUT_FINDING,
+    edit_stats,
+    evaluate_edits,
+    evaluate_shortcut,
+    explain_cases,
+    localisation_cases,
+    localisation_stats,
+    score_cases,
+    shortcut_stats,
+)
+from .explain import BASELINES
 from .generator import CXRReportGenerator, GeneratorConfig, freeze
 from .manipulator import Manipulator, ManipulatorConfig
-from .metrics import auroc, collateral_changes, cycle_success, pointing_game, topk_iou
-from .phantoms import FINDINGS, MARKER_NAME, Phantom, make_dataset
-from .reports import EDIT_KINDS, Edit, Tokenizer, label_report, random_edit, write_report
-from .train import generator_findings, images_tensor, train_generator, train_manipulator
+from .phantoms import FINDINGS, make_dataset
+from .report_text import Tokenizer, label_report
+from .train import generator_reports, images_tensor, train_generator, train_manipulator
 
+# (direction, threshold); the shortcut target is relative to the best baseline, and the negative
+# control (clean generator on marker images) must stay below its threshold
 TARGETS = {
     "cycle_success": (">=", 0.90),
     "collateral_change": ("<=", 0.05),
+    "transfer_success": (">=", 0.50),
     "pointing_margin_over_best_baseline": (">=", 0.10),
-    "shortcut_exposed": (">=", 0.80),
+    "shortcut_margin_over_best_baseline": (">=", 0.10),
+    "negative_control_on_marker": ("<=", 0.20),
 }
-SHORTCUT_FINDING = "cardiomegaly"
-# every map scored: CVLM as configured (by default M's change refined on each image), the amortised
-# manipulator M alone (one forward pass), the CVLM objective optimised per image from zero (M
-# unused), and the baselines
-METHODS = ("cvlm", "cvlm_m_alone", "cvlm_from_zero", *BASELINES)
+TRAININGS = ("generator", "manipulator", "generator2", "shortcut_generator", "shortcut_manipulator")
 
 
 @dataclass
@@ -42,9 +62,11 @@ class DemoConfig:
     """Sizes of the demo; ``quick()`` shrinks everything so that a test can run it in seconds."""
 
     size: int = 64
-    n_train: int = 6000  # training phantoms per generator (rendering is ~2 ms each)
+    n_train: int = 5000  # training phantoms per generator (rendering is ~2 ms each)
     n_man_train: int = 2000  # the first n of them train the manipulators (G's reports are generated for them)
-    n_test: int = 200
+    n_val: int = 200  # validation phantoms: every tuning choice is made here
+    n_test: int = 400
+    n_edit: int = 100  # test phantoms that get one random edit each
     # step caps; with the default time budget the budget usually ends a training first
     gen_steps: int = 6000
     man_steps: int = 5000
@@ -52,32 +74,50 @@ class DemoConfig:
     short_man_steps: int = 3000
     batch_size: int = 32
     man_batch_size: int = 16
-    n_loc: int = 8  # localisation cases per finding type at most (each runs occlusion and IG)
-    n_short: int = 24
+    n_loc: int = 30  # localisation cases per finding type at most
+    n_val_loc: int = 2  # validation cases per finding for the tuning
+    n_short: int = 30
     seed: int = 0
     gen_lr: float = 2e-3
     man_lr: float = 4e-3
     identity_frac: float = 0.2
+    # the shortcut generator's training data: the marker comes with the finding in this fraction of
+    # the cases with it (and with its absence in the same fraction of the others), so the finding
+    # itself stays informative and G_s relies on the marker only in part
+    shortcut_rate: float = 0.85
+    marker: str = "random"
     # overrides of manipulator.DEFAULT_WEIGHTS: a stronger L1 (sparsity), a 0.2-nat hinge on the
-    # cycle loss and the common-mode penalty (measured in docs/cvlm.md); the per-image refinement
-    # adds its own total variation (ManipulatorConfig.refine_weights)
+    # cycle loss and the common-mode penalty
     man_weights: dict[str, float] = field(default_factory=lambda: {"l1": 5.0, "margin": 0.2, "common": 10.0})
-    # Wall-clock budget of the four trainings together (None: run the step counts exactly, which
-    # is deterministic). Each training stops at its step count or when its share of the budget
-    # (plus whatever earlier trainings left unused) is spent, and anneals its learning rate on
-    # whichever comes first; metrics.json records the steps actually run.
-    budget_s: float | None = 600.0
-    budget_shares: tuple[float, float, float, float] = (0.33, 0.37, 0.1, 0.2)  # gen, man, gen_s, man_s
+    # refinement settings tried on the validation split (pointing game decides; ties keep the first)
+    tune_tv: tuple[float, ...] = (10.0, 1.0)
+    tune_init: tuple[str, ...] = ("manipulator", "zero")
+    # the maps scored on the test split: CVLM as tuned, M alone, and the baselines; add
+    # "cvlm_from_zero" (the objective per image from zero, M unused) for that comparison too -
+    # it doubles the refinement time of the evaluation
+    methods: tuple[str, ...] = ("cvlm", "cvlm_m_alone", *BASELINES)
+    n_boot: int = 1000  # bootstrap resamples per 95 % interval
+    # Budget of the five trainings together in CPU seconds of this process (None: run the step
+    # counts exactly). CPU time, not wall time: on a shared machine a wall-clock budget buys less
+    # training the busier the machine is. Each training stops at its step count or when its share
+    # (plus whatever earlier trainings left unused) is spent; metrics.json records the steps run.
+    budget_s: float | None = 300.0
+    budget_shares: tuple[float, ...] = (0.3, 0.3, 0.15, 0.1, 0.15)  # in the order of TRAININGS
     gen: GeneratorConfig = field(default_factory=GeneratorConfig)
+    # G2: another width and seed, so that a change that moves G but is not a feature of the image
+    # (G's own adversarial direction) does not move G2
+    gen2: GeneratorConfig = field(default_factory=lambda: GeneratorConfig(d_model=48, channels=(24, 48, 48, 48)))
     man: ManipulatorConfig = field(default_factory=ManipulatorConfig)
 
     @classmethod
     def quick(cls) -> DemoConfig:
         return cls(
-            size=32, n_train=96, n_man_train=96, n_test=24, gen_steps=6, man_steps=4, short_gen_steps=4, short_man_steps=3,
-            batch_size=8, man_batch_size=8, n_loc=3, n_short=6, budget_s=None,
+            size=32, n_train=96, n_man_train=96, n_val=24, n_test=24, n_edit=12, gen_steps=6, man_steps=4,
+            short_gen_steps=4, short_man_steps=3, batch_size=8, man_batch_size=8, n_loc=3, n_val_loc=1, n_short=6,
+            budget_s=None,
             gen=GeneratorConfig(d_model=32, n_layers=1, n_heads=2, channels=(8, 16), image_size=32),
-            man=ManipulatorConfig(channels=(8, 16, 16), d_text=16),
+            gen2=GeneratorConfig(d_model=16, n_layers=1, n_heads=2, channels=(8, 16), image_size=32),
+            man=ManipulatorConfig(channels=(8, 16, 16), d_text=16, refine_steps=3), n_boot=100,
         )  # fmt: skip
 
 
@@ -96,264 +136,246 @@ def load_manipulator(path: Path) -> Manipulator:
 
 def _load(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(path, "expected a checkpoint written by `cvlm demo` or `cvlm train` (file not found)")
+        raise UserError(path, "expected a checkpoint written by `cvlm demo` (file not found)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the user's file problem
         raise UserError(path, f"expected a cvlm checkpoint, could not read it ({type(e).__name__})") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluation
+def git_commit() -> str:
+    """The commit of the code that runs: ``$CVLM_COMMIT`` when set (a run from an exported copy of
+    the sources), else ``git rev-parse`` of this file's checkout, else ``unknown``."""
+    import os
 
-
-def _labels(reports: list[str]) -> list[dict]:
-    return [label_report(r) for r in reports]
-
-
-def evaluate_edits(gen, manip, test: list[Phantom], seed: int, refine: bool = True) -> tuple[dict, list[dict]]:
-    """One random edit per held-out phantom (edit kinds uniform): cycle success and collateral.
-    ``refine=False`` scores M alone (its residual without the per-image refinement)."""
-    rng = np.random.default_rng(seed)
-    x = images_tensor(test)
-    t_old = gen.generate(x)
-    before = _labels(t_old)
-    edits: list[Edit] = []
-    for f in before:
-        e = random_edit(f, rng)
-        assert e is not None  # "add" always applies to some absent finding or another edit exists
-        edits.append(e)
-    t_new = [write_report(e.apply(f)) for e, f in zip(edits, before, strict=True)]
-    x_new = manip.manipulate(x, t_new, t_old, gen=gen if refine else None)
-    after = _labels(gen.generate(x_new))
-    rows = []
-    for i, (e, b, a) in enumerate(zip(edits, before, after, strict=True)):
-        changed, n_other = collateral_changes(e, b, a)
-        rows.append({"i": i, "edit": e.describe(), "kind": e.kind, "finding": e.name,
-                     "success": cycle_success(e, b, a), "collateral": changed, "others": n_other,
-                     "l1": float((x_new[i] - x[i]).abs().mean())})  # fmt: skip
-    res = {
-        "n": len(rows),
-        "cycle_success": float(np.mean([r["success"] for r in rows])),
-        "collateral_change": float(sum(r["collateral"] for r in rows) / sum(r["others"] for r in rows)),
-        "mean_abs_delta": float(np.mean([r["l1"] for r in rows])),
-        "by_kind": {},
-        "by_finding": {},
-    }
-    for key, values in (("by_kind", EDIT_KINDS), ("by_finding", FINDINGS)):
-        field_ = "kind" if key == "by_kind" else "finding"
-        for v in values:
-            sel = [r for r in rows if r[field_] == v]
-            if sel:
-                res[key][v] = {"n": len(sel), "cycle_success": float(np.mean([r["success"] for r in sel])),
-                               "collateral_change": float(sum(r["collateral"] for r in sel) / sum(r["others"] for r in sel))}  # fmt: skip
-    return res, rows
-
-
-def localisation_cases(gen, test: list[Phantom], n_per_finding: int) -> list[tuple[int, str]]:
-    """(phantom index, finding) where the finding is truly present AND the generator reports it,
-    so that "remove it" is an edit of the generator's own report with a known mask."""
-    reports = gen.generate(images_tensor(test))
-    cases: list[tuple[int, str]] = []
-    for name in FINDINGS:
-        sel = [i for i, (p, r) in enumerate(zip(test, reports, strict=True))
-               if name in p.findings and name in label_report(r) and p.masks[name].any()]  # fmt: skip
-        cases += [(i, name) for i in sel[:n_per_finding]]
-    return cases
-
-
-def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, str]], batch: int = 16) -> dict:
-    """Maps of every method for the 'remove finding' edit of each case, as numpy (N, H, W)."""
-    maps: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
-    x_news, t_olds, t_news = [], [], []
-    for k in range(0, len(cases), batch):
-        chunk = cases[k : k + batch]
-        x = images_tensor([phantoms[i] for i, _ in chunk])
-        t = gen.generate(x)
-        t_new = [write_report(Edit("remove", label_report(r)[n], n).apply(label_report(r))) for r, (_, n) in
-                 zip(t, chunk, strict=True)]  # fmt: skip
-        x_new, m = cvlm_map(manip, x, t_new, t, gen=gen)
-        maps["cvlm"].append(m.numpy())
-        maps["cvlm_m_alone"].append(cvlm_map(manip, x, t_new, t)[1].numpy())
-        maps["cvlm_from_zero"].append(cvlm_map(manip, x, t_new, t, gen=gen, init="zero")[1].numpy())
-        for name, bm in baseline_maps(gen, x, t, t_new).items():
-            maps[name].append(bm.detach().numpy())
-        x_news.append(x_new[:, 0].numpy())
-        t_olds += t
-        t_news += t_new
-    if not cases:  # e.g. a generator that never reports the finding: nothing to explain
-        empty = np.zeros((0, phantoms[0].image.shape[0], phantoms[0].image.shape[1]), np.float32)
-        return {**{k: empty for k in maps}, "x_new": empty, "t": [], "t_new": []}
-    out = {k: np.concatenate(v) for k, v in maps.items()}
-    out["x_new"] = np.concatenate(x_news)
-    out["t"] = t_olds
-    out["t_new"] = t_news
-    return out
-
-
-def score_maps(maps: dict, masks: list[np.ndarray], names: list[str]) -> dict:
-    res: dict = {}
-    for method in METHODS:
-        pg = [pointing_game(m, k) for m, k in zip(maps[method], masks, strict=True)]
-        iou = [topk_iou(m, k) for m, k in zip(maps[method], masks, strict=True)]
-        au = [auroc(m, k) for m, k in zip(maps[method], masks, strict=True)]
-        res[method] = {"pointing_game": float(np.mean(pg)), "iou": float(np.mean(iou)), "auroc": float(np.nanmean(au)),
-                       "pointing_by_finding": {n: float(np.mean([p for p, nn in zip(pg, names, strict=True) if nn == n]))
-                                               for n in sorted(set(names))}}  # fmt: skip
-    return res
-
-
-def evaluate_shortcut(gen_s, manip_s, s_test: list[Phantom], cfg: DemoConfig) -> dict:
-    """The shortcut experiment on held-out phantoms that have the finding and the marker and whose
-    report by the shortcut generator states the finding; the edit is "remove the finding".
-
-    Reliance is measured per case on counterfactuals rendered with the same seed (same anatomy):
-    the case is *reliant* when G_s no longer reports the finding once the marker is taken away.
-    Only there is the marker the evidence G_s uses, so only there must a faithful map point at it
-    (where G_s reads the finding from the heart, pointing at the marker would be unfaithful): the
-    headline ``shortcut_exposed`` is the CVLM pointing rate on the marker over the reliant cases;
-    the rate over all cases is reported beside it. Sufficiency is checked the other way: the same
-    anatomy with the marker but without the finding."""
-    from .phantoms import render
-
-    s_reports = _labels(gen_s.generate(images_tensor(s_test)))
-    cand = [i for i, p in enumerate(s_test)
-            if MARKER_NAME in p.masks and SHORTCUT_FINDING in p.findings and SHORTCUT_FINDING in s_reports[i]]  # fmt: skip
-    base_seed = (cfg.seed * 10 + 4) * 1_000_003  # make_dataset's seed stream for s_test
-    no_marker = [render(s_test[i].findings, base_seed + i, size=cfg.size, marker=False) for i in cand]
-    no_finding = [render({k: v for k, v in s_test[i].findings.items() if k != SHORTCUT_FINDING}, base_seed + i,
-                         size=cfg.size, marker=True) for i in cand]  # fmt: skip
-    nm = _labels(gen_s.generate(images_tensor(no_marker))) if cand else []
-    nf = _labels(gen_s.generate(images_tensor(no_finding))) if cand else []
-    reliant_all = [SHORTCUT_FINDING not in r for r in nm]
-    s_cases = [(i, SHORTCUT_FINDING) for i in cand[: cfg.n_short]]
-    reliant = reliant_all[: cfg.n_short]
-    s_maps = explain_cases(gen_s, manip_s, s_test, s_cases)
-    methods = METHODS
-    on_marker = {m: [pointing_game(a, s_test[i].masks[MARKER_NAME]) for a, (i, _) in zip(s_maps[m], s_cases, strict=True)]
-                 for m in methods}  # fmt: skip
-    on_finding = {m: [pointing_game(a, s_test[i].masks[SHORTCUT_FINDING]) for a, (i, _) in zip(s_maps[m], s_cases, strict=True)]
-                  for m in methods}  # fmt: skip
-    after = _labels(gen_s.generate(torch.from_numpy(s_maps["x_new"])[:, None])) if s_cases else []
-
-    def mean(xs, sel=None) -> float:
-        xs = [x for x, k in zip(xs, sel, strict=True) if k] if sel is not None else list(xs)
-        return float(np.mean(xs)) if xs else 0.0
-
-    return {
-        "finding": SHORTCUT_FINDING,
-        "n_candidates": len(cand),
-        "n_cases": len(s_cases),
-        "n_reliant": int(sum(reliant)),
-        "reports_finding_without_marker": mean([SHORTCUT_FINDING in r for r in nm]) if cand else None,
-        "reports_finding_with_marker_only": mean([SHORTCUT_FINDING in r for r in nf]) if cand else None,
-        "cycle_success": mean([SHORTCUT_FINDING not in r for r in after]),
-        "on_marker_reliant": {m: mean(on_marker[m], reliant) for m in methods},
-        "on_marker": {m: mean(on_marker[m]) for m in methods},
-        "on_finding": {m: mean(on_finding[m]) for m in methods},
-        "reliant": reliant,
-        "_cases": s_cases,
-        "_maps": s_maps,
-    }
+    if os.environ.get("CVLM_COMMIT"):
+        return os.environ["CVLM_COMMIT"]
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------
-# the demo
+# one seed
 
 
-def run_demo(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> dict:
-    """Train everything on phantoms, evaluate on held-out phantoms, write checkpoints, metrics
-    and the HTML report under ``out``. Returns the metrics dict."""
-    from .report import results_markdown, write_html
-
-    t_start, cpu_start = time.time(), time.process_time()
-    torch.manual_seed(cfg.seed)
+def _train_all(out: Path, cfg: DemoConfig, progress: bool) -> tuple[dict, dict]:
+    """Train the five models of one seed (or load them when a previous run saved them)."""
     tok = Tokenizer()
     gcfg = GeneratorConfig(**{**asdict(cfg.gen), "image_size": cfg.size})
-    log(f"phantoms: {cfg.n_train} train + {cfg.n_test} test ({cfg.size} px), and a shortcut pair set")
+    g2cfg = GeneratorConfig(**{**asdict(cfg.gen2), "image_size": cfg.size})
     train = make_dataset(cfg.n_train, cfg.seed * 10 + 1, size=cfg.size)
-    test = make_dataset(cfg.n_test, cfg.seed * 10 + 2, size=cfg.size)
-    s_train = make_dataset(cfg.n_train, cfg.seed * 10 + 3, size=cfg.size, shortcut=SHORTCUT_FINDING)
-    s_test = make_dataset(cfg.n_test, cfg.seed * 10 + 4, size=cfg.size, shortcut=SHORTCUT_FINDING)
-
-    t_budget = time.time()
+    s_train = make_dataset(cfg.n_train, cfg.seed * 10 + 3, size=cfg.size, shortcut=SHORTCUT_FINDING,
+                           shortcut_rate=cfg.shortcut_rate, marker=cfg.marker)  # fmt: skip
     shares = np.cumsum(cfg.budget_shares) / np.sum(cfg.budget_shares)
+    hist: dict = {}
 
     def left(phase: int) -> float | None:
-        """Seconds left for training phase ``phase`` (0..3) under the budget, if any."""
-        return None if cfg.budget_s is None else max(0.0, shares[phase] * cfg.budget_s - (time.time() - t_budget))
+        """CPU seconds left for training ``phase``: its share plus what earlier trainings left
+        (the time spent generating M's base reports does not count)."""
+        spent = sum(h["cpu_seconds"] for h in hist.values())
+        return None if cfg.budget_s is None else max(0.0, shares[phase] * cfg.budget_s - spent)
 
-    common = {"progress": progress}
+    man_kw = {"lr": cfg.man_lr, "identity_frac": cfg.identity_frac, "weights": cfg.man_weights or None,
+              "progress": progress}  # fmt: skip
+    models = {}
     gen = CXRReportGenerator(tok, gcfg)
-    hist_g = train_generator(gen, train, cfg.gen_steps, cfg.batch_size, lr=cfg.gen_lr, seed=cfg.seed,
-                             max_seconds=left(0), **common)  # fmt: skip
-    save_model(gen, out / "generator.pt")
-    manip = Manipulator(tok, cfg.man)
-    man_kw = {"lr": cfg.man_lr, "identity_frac": cfg.identity_frac, "weights": cfg.man_weights or None, **common}
+    hist["generator"] = train_generator(gen, train, cfg.gen_steps, cfg.batch_size, lr=cfg.gen_lr, seed=cfg.seed,
+                                        max_seconds=left(0), progress=progress)  # fmt: skip
+    models["generator"] = freeze(gen)
+    manip = Manipulator(cfg.man)
     m_train = train[: cfg.n_man_train]
-    hist_m = train_manipulator(manip, gen, m_train, cfg.man_steps, cfg.man_batch_size, seed=cfg.seed,
-                               base=generator_findings(gen, m_train), max_seconds=left(1), **man_kw)  # fmt: skip
-    save_model(manip, out / "manipulator.pt")
+    hist["manipulator"] = train_manipulator(manip, gen, m_train, cfg.man_steps, cfg.man_batch_size, seed=cfg.seed,
+                                            base=generator_reports(gen, m_train), max_seconds=left(1), **man_kw)  # fmt: skip
+    models["manipulator"] = manip
+    gen2 = CXRReportGenerator(tok, g2cfg)
+    hist["generator2"] = train_generator(gen2, train, cfg.gen_steps, cfg.batch_size, lr=cfg.gen_lr,
+                                         seed=cfg.seed + 1000, desc="generator G2", max_seconds=left(2),
+                                         progress=progress)  # fmt: skip
+    models["generator2"] = freeze(gen2)
     gen_s = CXRReportGenerator(tok, gcfg)
-    hist_gs = train_generator(gen_s, s_train, cfg.short_gen_steps, cfg.batch_size, lr=cfg.gen_lr, seed=cfg.seed + 1,
-                              desc="shortcut generator", max_seconds=left(2), **common)  # fmt: skip
-    save_model(gen_s, out / "generator_shortcut.pt")
-    manip_s = Manipulator(tok, cfg.man)
+    hist["shortcut_generator"] = train_generator(gen_s, s_train, cfg.short_gen_steps, cfg.batch_size, lr=cfg.gen_lr,
+                                                 seed=cfg.seed + 1, desc="shortcut generator", max_seconds=left(3),
+                                                 progress=progress)  # fmt: skip
+    models["shortcut_generator"] = freeze(gen_s)
+    manip_s = Manipulator(cfg.man)
     ms_train = s_train[: cfg.n_man_train]
-    hist_ms = train_manipulator(manip_s, gen_s, ms_train, cfg.short_man_steps, cfg.man_batch_size, seed=cfg.seed + 1,
-                                base=generator_findings(gen_s, ms_train), desc="shortcut manipulator",
-                                max_seconds=left(3), **man_kw)  # fmt: skip
-    save_model(manip_s, out / "manipulator_shortcut.pt")
+    hist["shortcut_manipulator"] = train_manipulator(manip_s, gen_s, ms_train, cfg.short_man_steps, cfg.man_batch_size,
+                                                     seed=cfg.seed + 1, base=generator_reports(gen_s, ms_train),
+                                                     desc="shortcut manipulator", max_seconds=left(4), **man_kw)  # fmt: skip
+    models["shortcut_manipulator"] = manip_s
+    for name, m in models.items():
+        save_model(m, out / f"{name}.pt")
+    return models, hist
+
+
+def tune_refinement(gen, manip, val, cfg: DemoConfig) -> tuple[dict, list[dict]]:
+    """Pick the refinement's total-variation weight and start on the validation split, by the
+    pointing game of 'remove finding' on ``n_val_loc`` cases per finding."""
+    cases = localisation_cases(gen, val, cfg.n_val_loc)
+    masks = [val[i].masks[n] for i, n in cases]
+    base_cfg = manip.cfg
+    tried = []
+    for tv in cfg.tune_tv:
+        for init in cfg.tune_init:
+            manip.cfg = dataclasses.replace(base_cfg, refine_weights={**base_cfg.refine_weights, "tv": tv},
+                                            refine_init=init)  # fmt: skip
+            maps = explain_cases(gen, manip, val, cases, methods=("cvlm",))
+            pg = float(np.mean(score_cases(maps, masks, ("cvlm",))["cvlm"]["pointing"])) if cases else 0.0
+            tried.append({"tv": tv, "init": init, "pointing": pg, "n": len(cases)})
+    best = max(tried, key=lambda r: r["pointing"])  # max keeps the first of equals
+    manip.cfg = dataclasses.replace(base_cfg, refine_weights={**base_cfg.refine_weights, "tv": best["tv"]},
+                                    refine_init=best["init"])  # fmt: skip
+    return {"tv": best["tv"], "init": best["init"]}, tried
+
+
+def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> dict:
+    """Train and evaluate one seed; writes ``out/cases.json`` (per-case rows), ``out/examples.pkl``
+    (images and maps for the page) and the checkpoints. Returns the cases dict."""
+    t_start, cpu_start = time.time(), time.process_time()
+    torch.manual_seed(cfg.seed)
+    log(f"seed {cfg.seed}: training five models on {cfg.n_train} phantoms each ({cfg.size} px)")
+    models, hist = _train_all(out, cfg, progress)
     t_train = time.time() - t_start
+    gen, manip, gen2 = models["generator"], models["manipulator"], models["generator2"]
+    gen_s, manip_s = models["shortcut_generator"], models["shortcut_manipulator"]
+    val = make_dataset(cfg.n_val, cfg.seed * 10 + 5, size=cfg.size)
+    test = make_dataset(cfg.n_test, cfg.seed * 10 + 2, size=cfg.size)
+    s_seed = cfg.seed * 10 + 4
+    s_test = make_dataset(cfg.n_test, s_seed, size=cfg.size, shortcut=SHORTCUT_FINDING,
+                          shortcut_rate=cfg.shortcut_rate, marker=cfg.marker)  # fmt: skip
 
-    log("evaluating on held-out phantoms")
-    freeze(gen)
-    freeze(gen_s)
+    log(f"tuning the refinement on the validation split (training took {t_train:.0f} s)")
+    chosen, tried = tune_refinement(gen, manip, val, cfg)
+    manip_s.cfg = dataclasses.replace(manip_s.cfg, refine_weights=dict(manip.cfg.refine_weights),
+                                      refine_init=manip.cfg.refine_init)  # fmt: skip
+    save_model(manip, out / "manipulator.pt")  # with the chosen refinement, which `cvlm explain` then uses
+    save_model(manip_s, out / "shortcut_manipulator.pt")
+    log(f"evaluating on held-out phantoms (refinement: tv {chosen['tv']}, from {chosen['init']})")
     x_test = images_tensor(test)
-    gen_reports = _labels(gen.generate(x_test))
-    gen_acc = {n: float(np.mean([r.get(n) == p.findings.get(n) for r, p in zip(gen_reports, test, strict=True)]))
-               for n in FINDINGS}  # fmt: skip
-    edits, edit_rows = evaluate_edits(gen, manip, test, cfg.seed + 7)
-    edits_m, _ = evaluate_edits(gen, manip, test, cfg.seed + 7, refine=False)
-
+    acc = {}
+    for name, g in (("generator", gen), ("generator2", gen2)):
+        rep = [label_report(r) for r in g.generate(x_test)]
+        acc[name] = {n: float(np.mean([r.get(n) == p.findings.get(n) for r, p in zip(rep, test, strict=True)]))
+                     for n in FINDINGS}  # fmt: skip
+    methods = cfg.methods
+    variants = [m for m in methods if m in CVLM_VARIANTS]
+    edit_rows, edit_examples = evaluate_edits(gen, manip, test[: cfg.n_edit], cfg.seed + 7, gen2=gen2,
+                                              variants=variants)  # fmt: skip
+    log(f"  edits done at {time.time() - t_start:.0f} s")
     cases = localisation_cases(gen, test, cfg.n_loc)
-    loc_maps = explain_cases(gen, manip, test, cases)
-    loc_masks = [test[i].masks[n] for i, n in cases]
-    loc = score_maps(loc_maps, loc_masks, [n for _, n in cases])
-    best_base = max(BASELINES, key=lambda b: loc[b]["pointing_game"])
-
-    shortcut = evaluate_shortcut(gen_s, manip_s, s_test, cfg)
-    s_cases, s_maps = shortcut.pop("_cases"), shortcut.pop("_maps")
-    margin = loc["cvlm"]["pointing_game"] - loc[best_base]["pointing_game"]
-    headline = {
-        "cycle_success": edits["cycle_success"],
-        "collateral_change": edits["collateral_change"],
-        "pointing_game_cvlm": loc["cvlm"]["pointing_game"],
-        "pointing_game_best_baseline": loc[best_base]["pointing_game"],
-        "best_baseline": best_base,
-        "pointing_margin_over_best_baseline": margin,
-        "shortcut_exposed": shortcut["on_marker_reliant"]["cvlm"],
-    }
-    targets = {k: {"target": f"{op} {v}", "value": headline[k], "met": bool(headline[k] >= v if op == ">=" else headline[k] <= v)}
-               for k, (op, v) in TARGETS.items()}  # fmt: skip
-    metrics = {
-        "headline": headline,
-        "targets": targets,
-        "generator_accuracy": gen_acc,
-        "edits": edits,
-        "edits_m_alone": {k: edits_m[k] for k in ("n", "cycle_success", "collateral_change", "mean_abs_delta")},
-        "localisation": {"n_cases": len(cases), "methods": loc},
-        "shortcut": shortcut,
-        "training": {"generator": hist_g, "manipulator": hist_m, "shortcut_generator": hist_gs,
-                     "shortcut_manipulator": hist_ms},
-        "config": asdict(cfg),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "seconds": {"train": t_train, "total": time.time() - t_start, "process_cpu": time.process_time() - cpu_start},
+    loc_maps = explain_cases(gen, manip, test, cases, methods=methods)
+    loc = {"finding": [n for _, n in cases], **score_cases(loc_maps, [test[i].masks[n] for i, n in cases], methods)}
+    log(f"  localisation ({len(cases)} cases) done at {time.time() - t_start:.0f} s")
+    sc = evaluate_shortcut(gen_s, manip_s, s_test, s_seed, cfg.size, cfg.n_short, methods)
+    neg = evaluate_shortcut(gen, manip, s_test, s_seed, cfg.size, cfg.n_short, methods)
+    log(f"  shortcut test and negative control done at {time.time() - t_start:.0f} s")
+    s_cases, s_maps = sc.pop("_cases"), sc.pop("_maps")
+    neg.pop("_cases"), neg.pop("_maps")
+    seconds = {"train": t_train, "total": time.time() - t_start, "process_cpu": time.process_time() - cpu_start}
+    record = {"seed": cfg.seed, "commit": git_commit(), "edits": edit_rows, "localisation": loc, "shortcut": sc, "negative_control": neg,
+              "generator_accuracy": acc, "tuning": {"chosen": chosen, "tried": tried}, "training": hist,
+              "seconds": seconds, "config": asdict(cfg)}  # fmt: skip
+    # a few cases for the page: one localisation case per finding and three shortcut cases
+    first: dict[str, int] = {}
+    for k, (_, n) in enumerate(cases):
+        first.setdefault(n, k)
+    pick = list(first.values())
+    examples = {
+        "edits": edit_examples,
+        "localisation": [{"image": test[cases[k][0]].image, "mask": test[cases[k][0]].masks[cases[k][1]],
+                          "finding": cases[k][1], "x_new": loc_maps["x_new"][k], "t": loc_maps["t"][k],
+                          "t_new": loc_maps["t_new"][k], "maps": {m: loc_maps[m][k] for m in methods}} for k in pick],
+        "shortcut": [{"image": s_test[i].image, "mask": s_test[i].masks["marker"], "finding": n,
+                      "x_new": s_maps["x_new"][k], "t": s_maps["t"][k], "t_new": s_maps["t_new"][k],
+                      "reliant": sc["reliant"][k], "maps": {m: s_maps[m][k] for m in methods}}
+                     for k, (i, n) in enumerate(s_cases[:3])],
     }  # fmt: skip
-    metrics["seconds"]["total"] = time.time() - t_start
-    metrics["seconds"]["process_cpu"] = time.process_time() - cpu_start
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    write_html(out / "report.html", metrics, test, cases, loc_maps, s_test, s_cases, s_maps, edit_rows)
+    atomic_write(out / "examples.pkl", lambda p: p.write_bytes(pickle.dumps(examples)))
+    atomic_write_text(out / "cases.json", json.dumps(record))
+    log(f"seed {cfg.seed} done in {seconds['total']:.0f} s")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds together
+
+
+def summarise(records: list[dict]) -> dict:
+    """Figures with 95 % intervals (two-level bootstrap over seeds and cases) from per-seed rows."""
+    from . import evaluate
+
+    methods = tuple(records[0]["config"]["methods"])
+    evaluate.N_BOOT = int(records[0]["config"].get("n_boot", 1000))
+    edits = {v: edit_stats([r["edits"][v] for r in records]) for v in records[0]["edits"]}
+    loc = localisation_stats([r["localisation"] for r in records], methods)
+    sc = shortcut_stats([r["shortcut"] for r in records], methods)
+    neg = shortcut_stats([r["negative_control"] for r in records], methods)
+    head = {
+        "cycle_success": edits["cvlm"]["cycle_success"],
+        "collateral_change": edits["cvlm"]["collateral_change"],
+        "transfer_success": edits["cvlm"].get("transfer_success", {"value": float("nan"), "ci95": [float("nan")] * 2}),
+        "m_alone_cycle_success": edits["cvlm_m_alone"]["cycle_success"],
+        "m_alone_transfer_success": edits["cvlm_m_alone"].get("transfer_success", {"value": float("nan")}),
+        "pointing_game_cvlm": loc["methods"]["cvlm"]["pointing"],
+        "pointing_game_m_alone": loc["methods"]["cvlm_m_alone"]["pointing"],
+        "pointing_game_best_baseline": loc["methods"][loc["best_baseline"]]["pointing"],
+        "best_baseline": loc["best_baseline"],
+        "pointing_margin_over_best_baseline": loc["pointing_margin_over_best_baseline"],
+        "shortcut_exposed": sc["on_marker_reliant"]["cvlm"],
+        "shortcut_margin_over_best_baseline": sc["margin_over_best_baseline"],
+        "negative_control_on_marker": neg["on_marker"]["cvlm"],
+    }
+    targets = {}
+    for k, (op, v) in TARGETS.items():
+        val, ci = head[k]["value"], head[k].get("ci95", [float("nan")] * 2)
+        met = bool(val >= v if op == ">=" else val <= v) if not np.isnan(val) else False
+        # "met" needs the whole interval on the right side; "within interval" when it straddles
+        sure = bool(ci[0] >= v if op == ">=" else ci[1] <= v) if not np.isnan(ci[0]) else False
+        targets[k] = {"target": f"{op} {v}", "value": val, "ci95": ci, "met": met, "met_at_interval": sure}
+    return {"seeds": [r["seed"] for r in records], "headline": head, "targets": targets, "edits": edits,
+            "localisation": loc, "shortcut": sc, "negative_control": neg,
+            "tuning": {str(r["seed"]): r["tuning"] for r in records},
+            "generator_accuracy": {str(r["seed"]): r["generator_accuracy"] for r in records},
+            "training": {str(r["seed"]): r["training"] for r in records},
+            "seconds": {str(r["seed"]): r["seconds"] for r in records}}  # fmt: skip
+
+
+def run_demo(out: Path, cfg: DemoConfig, seeds: list[int] | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) every seed under ``out/seed_N``, then write ``metrics.json``, ``results.md``
+    and ``report.html`` for the seeds together. Returns the metrics dict."""
+    from .html_report import results_markdown, write_html
+
+    seeds = list(seeds) if seeds is not None else [cfg.seed]
+    records = []
+    t0 = time.time()
+    for s in seeds:
+        folder = out / f"seed_{s}"
+        done = folder / "cases.json"
+        if done.is_file():
+            rec = json.loads(done.read_text())
+            want = json.loads(json.dumps(asdict(dataclasses.replace(cfg, seed=s))))
+            default = json.loads(json.dumps(asdict(DemoConfig())))
+            saved = rec.get("config", {})
+            # a setting added since the seed ran counts as its default there
+            if set(saved) - set(want) or any(saved.get(k, default.get(k)) != v for k, v in want.items()):
+                raise UserError(done, "expected the same demo configuration to resume (delete the folder to rerun)")
+            log(f"seed {s}: already done, reusing {done}")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            rec = run_seed(folder, dataclasses.replace(cfg, seed=s), progress=progress, log=log)
+        records.append(rec)
+    metrics = summarise(records)
+    metrics["config"] = asdict(cfg)
+    metrics["run"] = {"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                      "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "seconds_this_call": time.time() - t0}  # fmt: skip
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    examples = pickle.loads((out / f"seed_{seeds[0]}" / "examples.pkl").read_bytes())
+    write_html(out / "report.html", metrics, examples)
     atomic_write_text(out / "results.md", results_markdown(metrics))
     return metrics

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .generator import CXRReportGenerator, augment, cosine_lr, freeze
-from .manipulator import Manipulator, manipulator_losses, pad_tokens
+from .generator import CXRReportGenerator, ReportGenerator, augment, cosine_lr, freeze, pad_tokens
+from .manipulator import Manipulator, manipulator_losses
 from .phantoms import Phantom
-from .reports import Findings, label_report, random_edit, report_vector, write_report
+from .report_text import edit_text, label_report, random_edit, report_vector, write_report
 
 
 def images_tensor(phantoms: Sequence[Phantom]) -> torch.Tensor:
@@ -26,14 +26,16 @@ def images_tensor(phantoms: Sequence[Phantom]) -> torch.Tensor:
 def _schedule(step: int, steps: int, t0: float, max_seconds: float | None) -> int | None:
     """The step at which the learning-rate schedule stands, or ``None`` when training must stop.
 
-    Training runs ``steps`` steps or until ``max_seconds`` of wall time have passed, whichever
+    Training runs ``steps`` steps or until ``max_seconds`` of this process's CPU time have passed
+    (``time.process_time``: on a machine shared with other work the same budget buys the same
+    training, where wall time would buy less the busier the machine is), whichever
     comes first; the cosine schedule follows whichever is further along, so a run cut short by
     its time budget still anneals its learning rate instead of stopping at full rate."""
     if step >= steps:
         return None
     if max_seconds is None:
         return step
-    frac = (time.time() - t0) / max(max_seconds, 1e-9)
+    frac = (time.process_time() - t0) / max(max_seconds, 1e-9)
     if frac >= 1.0:
         return None
     return max(step, int(frac * steps))
@@ -68,11 +70,11 @@ def train_generator(
     gen.train()
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     done = 0
     with _progress(progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
-        while (at := _schedule(done, steps, t0, max_seconds)) is not None:
+        while (at := _schedule(done, steps, c0, max_seconds)) is not None:
             idx = torch.randint(len(phantoms), (batch_size,), generator=g)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(at, steps, lr)
@@ -86,12 +88,12 @@ def train_generator(
             bar.update(task, completed=at + 1, info=f"loss {np.mean(losses[-20:]):.3f}")
     gen.eval()
     return {"steps": done, "max_steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
 
 
 def train_manipulator(
     manip: Manipulator,
-    gen: CXRReportGenerator,
+    gen: ReportGenerator,
     phantoms: Sequence[Phantom],
     steps: int,
     batch_size: int = 24,
@@ -102,16 +104,16 @@ def train_manipulator(
     desc: str = "manipulator",
     progress: bool = True,
     max_seconds: float | None = None,
-    base: Sequence[Findings] | None = None,
+    base: Sequence[str] | None = None,
 ) -> dict:
     """Train M against the frozen generator G with cycle + proximity + identity losses.
 
     Each example is a phantom x with its report t and either a random edit t' (cycle loss:
     G(x + M(x, t')) should say t') or, with probability ``identity_frac``, t' = t (identity loss:
-    M(x, t) should be ~0). ``base`` gives the findings t states for each phantom; the demo passes
-    the labelled reports *G itself writes* for the training images (``generator_findings``), as
-    at evaluation, where edits are applied to G's report. Without it, the phantoms' true findings
-    are used. At most ``steps`` steps and ``max_seconds`` seconds.
+    M(x, t) should be ~0). ``base`` gives the report t of each phantom; the demo passes the reports
+    *G itself writes* for the training images (``generator_reports``), as at evaluation, where
+    edits are applied to G's own text (``edit_text``). Without it, the canonical reports of the
+    phantoms' true findings are used. At most ``steps`` steps and ``max_seconds`` seconds.
     """
     freeze(gen)
     manip.loss_weights = dict(weights or {})
@@ -121,25 +123,25 @@ def train_manipulator(
     opt = torch.optim.AdamW(manip.parameters(), lr=lr, weight_decay=0.0)
     manip.train()
     hist: dict[str, list[float]] = {}
-    t0 = time.time()
-    findings = list(base) if base is not None else [p.findings for p in phantoms]
+    t0, c0 = time.time(), time.process_time()
+    texts = list(base) if base is not None else [write_report(p.findings) for p in phantoms]
+    findings = [label_report(t) for t in texts]
     done = 0
     with _progress(progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
-        while (at := _schedule(done, steps, t0, max_seconds)) is not None:
+        while (at := _schedule(done, steps, c0, max_seconds)) is not None:
             idx = rng.integers(len(phantoms), size=batch_size)
             reports, base_reports, ident = [], [], []
             for i in idx:
                 f = findings[int(i)]
                 e = None if rng.random() < identity_frac else random_edit(f, rng)
-                reports.append(write_report(e.apply(f) if e else f))
-                base_reports.append(write_report(f))
+                reports.append(edit_text(texts[int(i)], e) if e else texts[int(i)])
+                base_reports.append(texts[int(i)])
                 ident.append(e is None)
-            tok = pad_tokens([gen.tokenizer.encode(r) for r in reports])
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(at, steps, lr)
             cond = manip.encode_reports(reports, base_reports)
-            losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], tok, cond, torch.tensor(ident), weights)
+            losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], reports, cond, torch.tensor(ident), weights)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(manip.parameters(), 1.0)
@@ -150,10 +152,10 @@ def train_manipulator(
             bar.update(task, completed=at + 1, info=f"cycle {np.mean(hist['cycle'][-20:]):.2f} l1 {np.mean(hist['l1'][-20:]):.4f}")
     manip.eval()
     out = {k: float(np.mean(v[-50:])) for k, v in hist.items()}
-    out.update(steps=done, max_steps=steps, seconds=time.time() - t0)
+    out.update(steps=done, max_steps=steps, seconds=time.time() - t0, cpu_seconds=time.process_time() - c0)
     return out
 
 
-def generator_findings(gen: CXRReportGenerator, phantoms: Sequence[Phantom]) -> list[Findings]:
-    """The labelled reports G writes for ``phantoms`` (what the manipulator's edits start from)."""
-    return [label_report(r) for r in gen.generate(images_tensor(phantoms))]
+def generator_reports(gen: ReportGenerator, phantoms: Sequence[Phantom]) -> list[str]:
+    """The reports G writes for ``phantoms`` (what the manipulator's edits start from)."""
+    return gen.generate(images_tensor(phantoms))

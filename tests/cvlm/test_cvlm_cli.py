@@ -27,9 +27,10 @@ def run(argv, capsys):
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
+    """One quick two-seed demo for every test here that needs saved checkpoints."""
     out = tmp_path_factory.mktemp("demo")
     old = sys.argv
-    sys.argv = ["cvlm", "demo", "--quick", "--out", str(out), "--no-progress"]
+    sys.argv = ["cvlm", "demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "0,1"]
     try:
         main()
     except SystemExit as e:
@@ -41,17 +42,36 @@ def demo_dir(tmp_path_factory):
 
 def test_quick_demo_writes_everything(demo_dir):
     m = json.loads((demo_dir / "metrics.json").read_text())
-    assert set(m["targets"]) == {"cycle_success", "collateral_change", "pointing_margin_over_best_baseline",
-                                 "shortcut_exposed"}
-    for method in ("cvlm", "gradcam", "ig", "occlusion"):
+    assert m["seeds"] == [0, 1]
+    assert set(m["targets"]) == {"cycle_success", "collateral_change", "transfer_success",
+                                 "pointing_margin_over_best_baseline", "shortcut_margin_over_best_baseline",
+                                 "negative_control_on_marker"}
+    for t in m["targets"].values():
+        assert len(t["ci95"]) == 2 and isinstance(t["met"], bool)
+    for method in ("cvlm", "cvlm_m_alone", "gradcam", "ig", "occlusion"):
         r = m["localisation"]["methods"][method]
-        assert 0 <= r["pointing_game"] <= 1 and 0 <= r["iou"] <= 1
+        assert 0 <= r["pointing"]["value"] <= 1 and len(r["pointing"]["per_seed"]) == 2
+    assert "transfer_success" in m["edits"]["cvlm"] and "transfer_success" in m["edits"]["cvlm_m_alone"]
     html = (demo_dir / "report.html").read_text()
-    assert "<img src=\"data:image/png;base64," in html and "pointing game" in html
+    assert "<img src='data:image/png;base64," in html and "pointing game" in html
+    assert "met" in html and "G2(x')" in html and "<mark>" in html
     assert "| cycle_success |" in (demo_dir / "results.md").read_text()
-    for name in ("generator.pt", "manipulator.pt", "generator_shortcut.pt", "manipulator_shortcut.pt"):
-        assert (demo_dir / name).stat().st_size > 0
-    assert not list(demo_dir.glob("*.tmp"))  # atomic writes leave no temp files
+    for seed in (0, 1):
+        for name in ("generator", "manipulator", "generator2", "shortcut_generator", "shortcut_manipulator"):
+            assert (demo_dir / f"seed_{seed}" / f"{name}.pt").stat().st_size > 0
+    assert not list(demo_dir.rglob("*.tmp"))  # atomic writes leave no temp files
+
+
+@pytest.mark.slow
+def test_demo_resumes_finished_seeds(demo_dir, capsys):
+    before = (demo_dir / "seed_0" / "cases.json").stat().st_mtime_ns
+    code, _, err = run(["demo", "--quick", "--out", str(demo_dir), "--seeds", "0", "--resume", "--no-progress"], capsys)
+    assert code == 0 and "already done" in err
+    assert (demo_dir / "seed_0" / "cases.json").stat().st_mtime_ns == before  # reused, not rerun
+    assert json.loads((demo_dir / "metrics.json").read_text())["seeds"] == [0]
+    # restore the two-seed summary for the other tests
+    assert run(["demo", "--quick", "--out", str(demo_dir), "--seeds", "0", "--seeds", "1", "--resume",
+                "--no-progress"], capsys)[0] == 0
 
 
 def test_demo_refuses_to_overwrite(demo_dir, capsys):
@@ -75,7 +95,10 @@ def test_phantom_data_check_and_explain(demo_dir, tmp_path, capsys):
     assert code == 0, err
     res = json.loads((ex / "explanation.json").read_text())
     assert (ex / "cvlm_map.png").is_file() and res["edited_report"] != res["report"]
-    assert res["refine_init"] == "manipulator" and res["refine_steps"] > 0  # the saved default
+    assert res["refine_init"] in ("manipulator", "zero") and res["refine_steps"] > 0  # as saved
+    x_new = np.load(ex / "manipulated.npy")
+    assert x_new.shape == (32, 32) and x_new.dtype == np.float32
+    assert res["cycle_success_saved_png"] in (True, False) and isinstance(res["report_of_saved_png"], str)
     code, _, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
                         "--out", str(ex), "--overwrite", "--refine-init", "random"], capsys)  # fmt: skip
     assert code == 2 and err.startswith("error: --refine-init: expected one of zero, manipulator")
@@ -148,3 +171,27 @@ def test_iu_corpus_is_readable_when_shipped():
         pytest.skip("torchxrayvision data files not installed")
     reports = [r for _, r in zip(range(200), iu_reports_from_xrv(), strict=False)]
     assert len(reports) == 200 and any("pneumothorax" in r.lower() for r in reports)
+
+
+def test_explain_on_a_real_chest_xray_jpeg(demo_dir, tmp_path, capsys):
+    from PIL import Image
+    from test_cvlm_images import pneumonia_jpegs
+
+    jpegs = pneumonia_jpegs()
+    if not jpegs:
+        pytest.skip("pneumonia-model-package not installed")
+    demo = demo_dir
+    out = tmp_path / "ex"
+    for edit in ("add small right effusion", "remove effusion"):
+        code, text, err = run(["explain", str(jpegs[0]), "--edit", edit, "--model", str(demo), "--out", str(out),
+                               "--overwrite"], capsys)  # fmt: skip
+        if code == 0:
+            break
+    assert code == 0, err
+    res = json.loads((out / "explanation.json").read_text())
+    assert res["image"] == str(jpegs[0]) and "effusion" in (res["edited_report"] + res["report"]).lower()
+    x_new = np.load(out / "manipulated.npy")
+    saved = np.asarray(Image.open(out / "manipulated.png"), dtype=np.float32) / 255
+    assert x_new.shape == saved.shape == (32, 32)
+    assert np.abs(np.clip(x_new, 0, 1) - saved).max() <= 0.5 / 255 + 1e-6  # the PNG is x' rounded to 8 bits
+    assert "report_of_saved_png" in res and "report_of_saved_png:" in text

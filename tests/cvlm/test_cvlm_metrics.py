@@ -4,7 +4,7 @@ import numpy as np
 
 from cvlm.metrics import auroc, collateral_changes, cycle_success, pointing_game, topk_iou
 from cvlm.phantoms import Finding
-from cvlm.reports import Edit
+from cvlm.report_text import Edit
 
 EFF_R = Finding("effusion", "right", None, "small")
 EFF_L = Finding("effusion", "left", None, "small")
