@@ -11,6 +11,18 @@ import pytest
 from mtlora.testing import save_tiny_model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Toy models gain nothing from threads, and on a shared, busy CPU OpenMP spin-waits make them slow
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")

@@ -70,12 +70,7 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: toy models want one thread
 
 
 def test_every_tested_family_has_a_module_table_and_a_config():

@@ -14,14 +14,7 @@ from mtlora.data.example import Example
 from mtlora.evaluate import EvalReport, encode_pair, evaluate, normalize_answer, render_table, score_choices
 from mtlora.testing import TINY_ARCHS, tiny_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy models gain nothing from threads, and on a shared, busy CPU OpenMP spin-waits make them slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: toy models want one thread
 
 
 MC = [

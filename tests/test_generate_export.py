@@ -13,13 +13,7 @@ from transformers import AutoModelForCausalLM
 from mtlora.config import load_config
 from mtlora.train import load_trained, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: toy models want one thread
 
 
 def _train(root: Path, model_dir: Path, tasks: list[Path], method: str) -> Path:

@@ -25,12 +25,7 @@ DEVICE = os.environ.get("MTLORA_TEST_DEVICE", "cpu")
 METHODS = ("lora", "hydralora", "rlora", "mlora", "align_lora", "meta_lora")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: toy models want one thread
 
 
 def _cfg(model_dir: Path, tasks: list[Path], out: Path, method: str = "lora", precision: str = "bf16", **extra):
