@@ -581,3 +581,21 @@ def test_the_reader_on_the_shapes_users_send(tmp_path):
         with pytest.raises(UserError) as info:
             read_task_file(tmp_path / name)
         assert needle in info.value.format(), info.value.format()
+
+
+def test_the_portable_base_name_resolves_offline_to_the_embedded_alias(monkeypatch, tmp_path):
+    import mtlora.models as models
+
+    called = {}
+
+    def fake_convert(package_file, target):  # no conversion in the test: record what would load
+        called["target"] = target
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setenv("MTLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(models, "_package_file", lambda package, filename: tmp_path / filename)
+    assert models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == models.resolve_model("smollm2-135m")
+    with pytest.raises(UserError, match="no such model folder"):
+        models.resolve_model("someone/else")

@@ -182,7 +182,7 @@ def analyze_adapter(
     from mtlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    config, _ = read_adapter_config(adapter_dir)
+    config, extra = read_adapter_config(adapter_dir)
     if config.method not in METHODS:
         raise UserError(
             adapter_dir, f"expected a multi-head adapter ({', '.join(METHODS)}), got {config.method!r}"
@@ -228,7 +228,8 @@ def analyze_adapter(
         from mtlora.models import load_model
 
         if base_model is None:
-            base_model = json.loads((adapter_dir / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+            base_model = extra.get("base_model") or json.loads((adapter_dir / CONFIG_NAME).read_text()).get(
+                "base_model_name_or_path")
             if not base_model:
                 raise UserError(adapter_dir, "adapter names no base model; pass the base model explicitly")
         model, tokenizer = load_model(base_model)

@@ -81,8 +81,14 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """Return a local HF model folder for an alias (converted on first use) or a user path."""
+    """Return a local HF model folder for an alias (converted on first use) or a user path.
+
+    The hub id an alias stands for (what adapters name as their base) resolves to the alias when no
+    folder of that name exists, so an adapter's own ``base_model_name_or_path`` loads offline.
+    """
     key = str(name_or_path)
+    if not Path(key).expanduser().exists():
+        key = {hub: alias for alias, hub in HUB_NAMES.items()}.get(key, key)
     if key in _GGUF_ALIASES:
         package, filename, folder = _GGUF_ALIASES[key]
         target = cache_dir() / folder
