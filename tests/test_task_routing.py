@@ -160,3 +160,33 @@ def test_per_task_export_refuses_a_token_router(tmp_path, monkeypatch, capsys):
     save_adapter(model, tmp_path / "a", extra={"task_names": ["qa", "sentiment"]})
     code, _, err = run_cli(monkeypatch, capsys, "export", str(tmp_path / "a"), str(tmp_path / "out"), "--per-task")
     assert code == 2 and "approximation" in err and not (tmp_path / "out").exists()
+
+
+def test_a_token_router_exports_an_approximation_and_measures_it(tmp_path, tiny_model_dir, task_files,
+                                                                  monkeypatch, capsys):
+    peft = pytest.importorskip("peft")
+    import json
+
+    from conftest import run_cli
+
+    from mtlora.config import load_config
+    from mtlora.testing import tiny_model
+    from mtlora.train import train
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "method=rlora", f"tasks=[{task_files[0]},{task_files[1]}]",
+                             f"output_dir={tmp_path / 'run'}", "adapter.r=2", "adapter.num_heads=3",
+                             "adapter.target_modules=[q_proj,v_proj]", "train.max_steps=3", "train.batch_size=4",
+                             "data.max_length=48", "data.max_eval_per_task=4"])
+    summary = train(cfg, progress=False)
+    out = tmp_path / "tasks"
+    code, stdout, err = run_cli(monkeypatch, capsys, "export", summary["adapter"], str(out), "--per-task")
+    assert code == 2 and "--approximate" in err
+    code, stdout, err = run_cli(monkeypatch, capsys, "export", summary["adapter"], str(out), "--per-task",
+                                "--approximate", "--max-per-task", "4")
+    assert code == 0, err
+    marker = json.loads((out / "mtlora_export.json").read_text())
+    assert marker["exact"] is False and set(marker["measured"]) == {"qa", "sentiment"}
+    for task, row in marker["measured"].items():
+        assert f"{task}: acc original" in stdout and 0 <= row["exported"] <= 1 and row["n"] > 0
+        assert "Approximation of a token router" in (out / task / "README.md").read_text()
+        peft.PeftModel.from_pretrained(tiny_model("llama")[0], str(out / task))  # stock PEFT loads it

@@ -60,7 +60,8 @@ def head_similarity(state: dict[str, torch.Tensor] | nn.Module) -> dict[str, tor
 
 @torch.no_grad()
 def router_weights_by_task(
-    model: nn.Module, tokenizer, examples: Sequence[Any], batch_size: int = 8, max_length: int = 256
+    model: nn.Module, tokenizer, examples: Sequence[Any], batch_size: int = 8, max_length: int = 256,
+    task_ids: dict[str, int] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """task -> layer -> (N,) mean router probability over the non-padding tokens of that task.
 
@@ -83,7 +84,11 @@ def router_weights_by_task(
             enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
             for m in layers.values():
                 m.router_probe = []
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            from mtlora.adapters import forward_context
+
+            ids = None if task_ids is None else torch.tensor([task_ids[ex.task] for ex in chunk])
+            with torch.no_grad(), forward_context(task_ids=ids):  # a task+token router reads the ids
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             mask = enc["attention_mask"].double()  # (B, L)
             for row, ex in enumerate(chunk):
                 counts[ex.task] = counts.get(ex.task, 0.0) + mask[row].sum().item()

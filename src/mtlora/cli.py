@@ -332,6 +332,9 @@ def export_command(
     base_name: Annotated[str | None, typer.Option(help="base model name written into the export (e.g. a Hub id)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an earlier export in OUT")] = False,
     per_task: Annotated[bool, typer.Option(help="one PEFT LoRA folder per task, OUT/<task>/ (exact routers only)")] = False,
+    approximate: Annotated[bool, typer.Option(help="--per-task of a token router: mean router weights per task, "
+                                              "measured against the original on each task's eval split")] = False,
+    max_per_task: Annotated[int, typer.Option(help="--approximate: examples per task to average over and to evaluate")] = 64,
 ) -> None:
     """Export an adapter: a clean PEFT folder with a model card, (--merge) a merged full model, or
     (--per-task) one PEFT LoRA per task of a task-routed multi-head adapter."""
@@ -345,7 +348,11 @@ def export_command(
     if per_task:
         if merge:
             raise UserError("--per-task", "exports adapters; it does not go with --merge")
-        path = export_per_task(adapter, out, base=base, base_name=base_name, overwrite=overwrite, command=command)
+        if max_per_task < 1:
+            raise UserError("--max-per-task", f"expected an integer >= 1, got {max_per_task}")
+        path = export_per_task(adapter, out, base=base, base_name=base_name, overwrite=overwrite, command=command,
+                               approximate=approximate, max_per_task=max_per_task,
+                               echo=lambda text: console.print(text, markup=False, highlight=False))
         console.print(f"per-task adapters: {', '.join(sorted(p.name for p in path.iterdir() if p.is_dir()))} in {path}")
         return
     path = export(adapter, out, merge=merge, dtype=dtype, base=base, base_name=base_name, overwrite=overwrite,

@@ -16,8 +16,10 @@
   M-LoRA, fixed ``head_weights``): ``B_t = sum_i w_{t,i} B_i`` with the shared ``A``; R-LoRA's frozen
   offset joins as ``r`` more columns (rank ``2r``: ``[B_t, -offset_B] [A; offset_A]``), and the
   scaling is folded into B (``lora_alpha = r``). Exact: the same logits as our model run with that
-  task id (tested in stock PEFT). A token router is refused: its per-task weights would be an
-  approximation, which this command does not build.
+  task id (tested in stock PEFT). A token router weighs heads per token, so it is refused unless
+  ``--approximate``: then ``w_t`` is the task's mean router weights over its training tokens (per
+  layer), and the command measures the accuracy of the exported adapters beside the original's on
+  each task's eval split (printed, and kept in the export's marker and model cards).
 
 Every export writes a model card (``README.md``: base model, method, tasks, the run's metrics, the commands)
 and ``mtlora_export.json``, the marker that lets ``--overwrite`` replace an earlier export and
@@ -28,13 +30,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtlora.adapters.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, read_adapter_config
+from mtlora.adapters.io import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, atomic_write_dir, read_adapter_config
 from mtlora.errors import UserError
 from mtlora.models import HUB_NAMES
 
@@ -205,13 +208,16 @@ def export(
     return out
 
 
-def per_task_lora(tensors: dict[str, torch.Tensor], config, task_names: list[str]) -> dict[str, dict]:
-    """``{task: PEFT LoRA tensors}`` of a multi-head adapter with input-independent head weights."""
+def per_task_lora(tensors: dict[str, torch.Tensor], config, task_names: list[str],
+                  mean_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict]:
+    """``{task: PEFT LoRA tensors}`` of a multi-head adapter with input-independent head weights, or
+    (``mean_weights``: task -> layer -> (N,)) with a token router's per-task mean weights."""
     router = getattr(config, "router", None)
     fixed = config.fixed_weights() if hasattr(config, "fixed_weights") else None
-    if router in ("token", "task+token") and fixed is None:
+    if router in ("token", "task+token") and fixed is None and mean_weights is None:
         raise UserError("--per-task", f"router: {router} weighs the heads per token, so a per-task adapter would "
-                                      "be an approximation; exact per-task export needs router: task or mean")
+                                      "be an approximation; pass --approximate to build it and measure it, or "
+                                      "train with router: task or mean for an exact export")
     layers = sorted({k.rsplit(".lora_B", 1)[0] for k in tensors if k.endswith(".lora_B")})
     if not layers:
         raise UserError("--per-task", "no multi-head layers in this adapter (a plain LoRA is one adapter already)")
@@ -221,7 +227,9 @@ def per_task_lora(tensors: dict[str, torch.Tensor], config, task_names: list[str
         state = {}
         for layer in layers:
             heads = tensors[f"{layer}.lora_B"].double()  # (N, d_out, r)
-            if f"{layer}.task_router" in tensors:
+            if mean_weights is not None and fixed is None:
+                w = mean_weights[task][layer.removeprefix(PEFT_PREFIX)].double()
+            elif f"{layer}.task_router" in tensors:
                 w = torch.softmax(tensors[f"{layer}.task_router"].double()[t], dim=-1)
             else:
                 w = torch.tensor(fixed, dtype=torch.float64)
@@ -236,8 +244,67 @@ def per_task_lora(tensors: dict[str, torch.Tensor], config, task_names: list[str
     return out
 
 
+def _approximate(adapter_dir: Path, base: str | None, tasks: list[str], max_per_task: int, echo):
+    """A token router's per-task mean weights over the run's training tokens, and the eval examples."""
+    from mtlora.analysis import router_weights_by_task
+    from mtlora.config import load_config
+    from mtlora.data.tasks import load_tasks
+    from mtlora.train import load_trained, training_examples
+
+    _, config_file = _run_files(adapter_dir)
+    if config_file is None:
+        raise UserError(adapter_dir, "--approximate needs the training run's config.yaml beside the adapter "
+                                     "(its tasks give the training tokens to average the router over)")
+    run_config = load_config(config_file)
+    model, tokenizer, _ = load_trained(adapter_dir, base=base)
+    train_rows = [ex for ex in training_examples(run_config)]
+    by_task: dict[str, list] = {}
+    for ex in train_rows:
+        if len(by_task.setdefault(ex.task, [])) < max_per_task:
+            by_task[ex.task].append(ex)
+    echo(f"averaging the router over {sum(map(len, by_task.values()))} training examples "
+         f"({max_per_task} per task at most)")
+    weights = router_weights_by_task(model, tokenizer, [ex for t in tasks for ex in by_task.get(t, [])],
+                                     task_ids={t: i for i, t in enumerate(tasks)})
+    missing = [t for t in tasks if t not in weights]
+    if missing:
+        raise UserError(adapter_dir, f"no training examples of task {missing[0]!r} in the run's config")
+    evals = load_tasks(run_config.tasks, "eval", max_per_task)
+    return model, tokenizer, weights, evals
+
+
+def _measure(model, tokenizer, adapters: dict[str, dict], peft_cfgs: dict[str, dict], evals, tasks, base, echo):
+    """Accuracy per task: the original adapter beside its exported per-task approximation."""
+    from mtlora.adapters import inject_adapters, make_adapter_config
+    from mtlora.adapters.io import load_adapter_weights
+    from mtlora.evaluate import evaluate
+    from mtlora.models import load_model
+
+    original = evaluate(model, tokenizer, evals, progress=False, task_names=tasks).per_task
+    rows = {}
+    for task in tasks:
+        exs = [ex for ex in evals if ex.task == task]
+        if not exs:
+            continue
+        plain, _ = load_model(base)
+        cfg = peft_cfgs[task]
+        inject_adapters(plain, make_adapter_config("lora", r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0,
+                                                   target_modules=cfg["target_modules"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file(adapters[task], str(Path(tmp) / WEIGHTS_NAME))
+            load_adapter_weights(plain, tmp)
+        exported = evaluate(plain.eval(), tokenizer, exs, progress=False).per_task[task]
+        metric = "acc" if "acc" in exported else "exact_match"
+        rows[task] = {"metric": metric, "n": len(exs), "original": original[task][metric],
+                      "exported": exported[metric]}
+        echo(f"{task}: {metric} original {100 * rows[task]['original']:.1f}, exported "
+             f"{100 * rows[task]['exported']:.1f} (n = {len(exs)}, eval split)")
+    return rows
+
+
 def export_per_task(adapter_dir: str | Path, out: str | Path, *, base: str | None = None,
-                    base_name: str | None = None, overwrite: bool = False, command: str | None = None) -> Path:
+                    base_name: str | None = None, overwrite: bool = False, command: str | None = None,
+                    approximate: bool = False, max_per_task: int = 64, echo=print) -> Path:
     """``OUT/<task>/``: one stock PEFT LoRA folder per task (see the module doc); returns ``out``."""
     adapter_dir, out = Path(adapter_dir), Path(out)
     config, extra = read_adapter_config(adapter_dir)
@@ -245,31 +312,46 @@ def export_per_task(adapter_dir: str | Path, out: str | Path, *, base: str | Non
     if not tasks:
         raise UserError(adapter_dir, "no task_names saved with this adapter; per-task export needs them")
     _check_out(out, overwrite)
-    per_task = per_task_lora(load_file(str(adapter_dir / WEIGHTS_NAME)), config, tasks)
+    tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
+    mean_weights = measured = None
+    if approximate and getattr(config, "router", None) in ("token", "task+token") and config.fixed_weights() is None:
+        model, tokenizer, mean_weights, evals = _approximate(adapter_dir, base, tasks, max_per_task, echo)
+    per_task = per_task_lora(tensors, config, tasks, mean_weights)
     source = json.loads((adapter_dir / CONFIG_NAME).read_text())
     portable = portable_base_name(base or extra.get("base_model"), base_name)
     results, config_file = _run_files(adapter_dir)
     method = extra.get("method", config.method)
 
-    def write(tmp: Path) -> None:
-        for task, state in per_task.items():
-            rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
-            folder = tmp / task
-            folder.mkdir()
-            peft_cfg = {
+    peft_cfgs = {}
+    for task, state in per_task.items():
+        rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+        peft_cfgs[task] = {
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": portable,
                 "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "use_rslora": False,
                 "target_modules": sorted({k.split(".")[-3] for k in state}), "bias": "none",
                 "fan_in_fan_out": source.get("fan_in_fan_out", False), "init_lora_weights": True,
                 "inference_mode": True, "modules_to_save": None,
             }
+    if mean_weights is not None:
+        measured = _measure(model, tokenizer, per_task, peft_cfgs, evals, tasks,
+                            base or extra.get("base_model") or "smollm2-135m", echo)
+
+    def write(tmp: Path) -> None:
+        for task, state in per_task.items():
+            folder = tmp / task
+            folder.mkdir()
             save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-            (folder / CONFIG_NAME).write_text(json.dumps(peft_cfg, indent=2) + "\n")
+            (folder / CONFIG_NAME).write_text(json.dumps(peft_cfgs[task], indent=2) + "\n")
             card = model_card(base_name=portable, method=f"{method} (task {task})", tasks=[task], results=results,
                               merged=False, dtype="fp32", train_command=None, export_command=command)
+            if measured and task in measured:
+                m = measured[task]
+                card += (f"\nApproximation of a token router by its mean weights on this task's training tokens: "
+                         f"{m['metric']} {100 * m['exported']:.1f} here vs {100 * m['original']:.1f} for the "
+                         f"original adapter (eval split, n = {m['n']}).\n")
             (folder / "README.md").write_text(card)
         marker = {"adapter": str(adapter_dir.resolve()), "per_task": list(per_task), "method": method,
-                  "base_model": portable}
+                  "base_model": portable, "exact": mean_weights is None, "measured": measured}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
     atomic_write_dir(out, write)
