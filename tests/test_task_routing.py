@@ -3,6 +3,8 @@ errors when they are missing or out of range."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -190,3 +192,29 @@ def test_a_token_router_exports_an_approximation_and_measures_it(tmp_path, tiny_
         assert f"{task}: acc original" in stdout and 0 <= row["exported"] <= 1 and row["n"] > 0
         assert "Approximation of a token router" in (out / task / "README.md").read_text()
         peft.PeftModel.from_pretrained(tiny_model("llama")[0], str(out / task))  # stock PEFT loads it
+
+
+def test_eval_of_an_exported_task_adapter_equals_eval_of_the_original(tmp_path, tiny_model_dir, task_files,
+                                                                       monkeypatch, capsys):
+    import json
+
+    from conftest import run_cli
+
+    from mtlora.config import load_config
+    from mtlora.train import train
+
+    cfg = load_config(None, [f"model={tiny_model_dir}", "method=rlora", f"tasks=[{task_files[0]},{task_files[1]}]",
+                             f"output_dir={tmp_path / 'run'}", "adapter.r=2", "adapter.num_heads=3",
+                             "adapter.router=task", "adapter.target_modules=[q_proj,v_proj]", "train.max_steps=4",
+                             "train.lr=0.05", "train.batch_size=4", "data.max_length=48", "data.max_eval_per_task=4"])
+    adapter = train(cfg, progress=False)["adapter"]
+    assert run_cli(monkeypatch, capsys, "export", adapter, str(tmp_path / "tasks"), "--per-task")[0] == 0
+    for task, path in (("qa", task_files[1]), ("sentiment", task_files[0])):
+        results = []
+        for which in (adapter, str(tmp_path / "tasks" / task)):
+            out = tmp_path / f"{task}-{Path(which).name}.json"
+            code, _, err = run_cli(monkeypatch, capsys, "eval", str(path), "--adapter", which, "--model",
+                                   str(tiny_model_dir), "--no-progress", "--output", str(out))
+            assert code == 0, err
+            results.append([p["logliks"] for p in json.loads(out.read_text())["predictions"]])
+        torch.testing.assert_close(torch.tensor(results[0]), torch.tensor(results[1]), atol=1e-5, rtol=1e-5)
