@@ -89,3 +89,18 @@ def test_analyze_errors_are_user_errors(tmp_path, capsys):
     save_adapter(model, tmp_path / "mlora")
     with pytest.raises(UserError, match="no learned router"):
         analyze_adapter(tmp_path / "mlora", tmp_path / "out", examples=EXAMPLES)
+
+
+def test_analyze_takes_a_device_and_refuses_a_missing_one(tmp_path, monkeypatch, capsys):
+    import torch
+    from conftest import run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be shown here")
+    model, _ = tiny_model("llama")
+    inject_adapters(model, make_adapter_config("rlora", r=2, num_heads=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "rlora")
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", str(tmp_path / "rlora"), "--device", "cuda")
+    assert code == 2 and "no CUDA" in err and not (tmp_path / "rlora" / "analysis").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", str(tmp_path / "rlora"), "--device", "cpu")
+    assert code == 0, err

@@ -86,15 +86,16 @@ def router_weights_by_task(
                 m.router_probe = []
             from mtlora.adapters import forward_context
 
-            ids = None if task_ids is None else torch.tensor([task_ids[ex.task] for ex in chunk])
+            dev = next(model.parameters()).device
+            ids = None if task_ids is None else torch.tensor([task_ids[ex.task] for ex in chunk], device=dev)
             with torch.no_grad(), forward_context(task_ids=ids):  # a task+token router reads the ids
-                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            mask = enc["attention_mask"].double()  # (B, L)
+                model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev))
+            mask = enc["attention_mask"].double()  # (B, L), on the CPU like the sums
             for row, ex in enumerate(chunk):
                 counts[ex.task] = counts.get(ex.task, 0.0) + mask[row].sum().item()
                 per_layer = sums.setdefault(ex.task, {})
                 for name, m in layers.items():
-                    probs = m.router_probe[0][row].double()  # (L, N)
+                    probs = m.router_probe[0][row].double().cpu()  # (L, N)
                     s = (probs * mask[row, :, None]).sum(0)
                     per_layer[name] = per_layer.get(name, 0) + s
     finally:
@@ -175,6 +176,7 @@ def analyze_adapter(
     split: str = "eval",
     max_per_task: int = 32,
     batch_size: int = 8,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Write the head-similarity (always) and per-task router-weight (given data) analyses.
 
@@ -237,7 +239,7 @@ def analyze_adapter(
                 "base_model_name_or_path")
             if not base_model:
                 raise UserError(adapter_dir, "adapter names no base model; pass the base model explicitly")
-        model, tokenizer = load_model(base_model)
+        model, tokenizer = load_model(base_model, device=device)
         load_adapter(model, adapter_dir)
         router = router_weights_by_task(model, tokenizer, list(examples), batch_size=batch_size)
         with open(out_dir / "router_weights.csv", "w", newline="") as f:

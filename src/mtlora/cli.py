@@ -251,13 +251,17 @@ def analyze_command(
     base_model: Annotated[str | None, typer.Option(help="base model (default: the adapter's)")] = None,
     split: Annotated[str, typer.Option()] = "eval",
     max_per_task: Annotated[int, typer.Option()] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "cpu",
 ) -> None:
     """Head cosine similarity per layer and per-task router weights: tables + heat-map PNGs."""
     from mtlora.analysis import analyze_adapter
+    from mtlora.models import resolve_device
 
+    resolve_device(device)  # a bad or absent device fails before any work
     _quiet_libraries()
     out_dir = out or adapter / "analysis"
-    analyze_adapter(adapter, out_dir, base_model=base_model, tasks=task, split=split, max_per_task=max_per_task)
+    analyze_adapter(adapter, out_dir, base_model=base_model, tasks=task, split=split, max_per_task=max_per_task,
+                    device=device)
     console.print(f"analysis: {out_dir}")
 
 
