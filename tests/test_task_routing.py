@@ -110,8 +110,12 @@ def _routed_model(router: str):
 
     model, tok = tiny_model("llama")
     torch.manual_seed(1)
-    inject_adapters(model, make_adapter_config("rlora", r=2, alpha=4, num_heads=3, router=router, num_tasks=2,
-                                               target_modules=["q_proj", "v_proj", "up_proj"]))
+    if router == "mlora":  # M-LoRA: fixed mean weights, no router
+        cfg = make_adapter_config("mlora", r=2, alpha=4, num_heads=3, target_modules=["q_proj", "v_proj", "up_proj"])
+    else:
+        cfg = make_adapter_config("rlora", r=2, alpha=4, num_heads=3, router=router, num_tasks=2,
+                                  target_modules=["q_proj", "v_proj", "up_proj"])
+    inject_adapters(model, cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -119,7 +123,7 @@ def _routed_model(router: str):
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("router", ["task", "mean"])
+@pytest.mark.parametrize("router", ["task", "mean", "mlora"])
 def test_per_task_export_is_exact_in_stock_peft_and_serves_a_mixed_batch(router, tmp_path, monkeypatch, capsys):
     peft = pytest.importorskip("peft")
     from conftest import run_cli
