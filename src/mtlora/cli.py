@@ -217,11 +217,10 @@ def _check_writable_file(path: Path) -> None:
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise UserError(path, f"cannot write here: {parent} is a file")
+    from mtlora.fileio import probe_writable
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.tmp-probe")
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(path.parent)
     except OSError as exc:
         raise UserError(path, f"cannot write here ({exc.strerror or exc})") from None
 

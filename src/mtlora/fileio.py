@@ -114,6 +114,17 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def probe_writable(folder: str | Path, prefix: str = f".probe{TMP_TAG}") -> None:
+    """Create ``folder`` (and parents) and write + remove an empty probe file in it; raises ``OSError``.
+
+    Run before long work so an unwritable output fails first, not after the work is done."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=prefix, dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def clean_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
     """Remove temporaries of ``names`` (``.NAME.tmp*`` / ``.NAME.old<pid>.tmp``) left in ``folder``."""
     folder = Path(folder)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtlora.errors import UserError
-from mtlora.fileio import atomic_write_json, clean_stale_temps
+from mtlora.fileio import atomic_write_json, clean_stale_temps, probe_writable, temp_name_prefix
 
 CHECKPOINT_DIR = "checkpoint"
 ADAPTER_DIR = "adapter"
@@ -102,10 +102,7 @@ def claim(plan: Plan) -> Plan:
     """Create the folder (proves it is writable, before the model loads) and drop stale temporaries."""
     try:
         plan.created = not plan.path.exists()
-        plan.path.mkdir(parents=True, exist_ok=True)
-        probe = plan.path / f".{MARKER_FILE}.tmp-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(plan.path, prefix=temp_name_prefix(plan.path / MARKER_FILE))  # a name of ours
     except OSError as exc:
         raise UserError(plan.path, f"output folder is not writable ({exc.strerror or exc})") from None
     clean_stale_temps(plan.path, list(RUN_ENTRIES))
