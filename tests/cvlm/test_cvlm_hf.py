@@ -1,7 +1,6 @@
 """The Hugging Face adapter end to end on a tiny randomly initialised ViT + GPT-2 built here."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -95,22 +94,14 @@ def test_explain_cli_with_a_hf_generator_folder(hf_folder, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from cvlm.cli import main
 
     img = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)).save(img)
     out = tmp_path / "ex"
-    old = sys.argv
-    sys.argv = ["cvlm", "explain", str(img), "--edit", "add small right effusion", "--generator", str(hf_folder),
-                "--model", str(tmp_path / "no-manipulator"), "--refine-steps", "5", "--out", str(out)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
+    from test_cvlm_cli import run  # the suite's one way to run the cvlm CLI in-process
+
+    code, _, err = run(["explain", str(img), "--edit", "add small right effusion", "--generator", str(hf_folder),
+                        "--model", str(tmp_path / "no-manipulator"), "--refine-steps", "5", "--out", str(out)], capsys)
     assert code == 0, err
     res = json.loads((out / "explanation.json").read_text())
     assert res["generator"] == str(hf_folder) and res["refine_init"] == "zero"  # no M for this generator
