@@ -21,6 +21,13 @@ backward sums the ranks' gradients, i.e. multiplies by ``W``, which DDP's averag
 and divides their gradient by ``c_r`` to cancel the weighting. Result: loss and gradient equal the
 single-process ones over the same global batch (to float rounding; tested with 2 CPU processes).
 The statistics travel on their own process group so they never interleave with DDP's buckets.
+
+FSDP (``accelerate launch --config_file configs/accelerate/fsdp.yaml``). Accelerate only builds FSDP
+for GPU-like devices (on a CPU its FSDP plugin raises "no available devices"), so the trainer wraps
+the model itself with torch's ``FullyShardedDataParallel`` (v1) on every device and uses Accelerate
+for the process group alone (:func:`fsdp_options` reads the launcher's ``FSDP_*`` variables). The
+code that runs on GPUs is then the code the 2-process CPU (gloo) tests run. FSDP averages gradients
+over ranks as DDP does, so the token-share weighting above carries over unchanged.
 """
 
 from __future__ import annotations
@@ -86,6 +93,8 @@ class Dist:
     wrapped: Any = None  # the DDP/FSDP/DeepSpeed-wrapped ObjectiveModule, once wrap() ran
     local_device: torch.device | None = None  # one process: the config's device (batches go there)
     scaler: Any = None  # the trainer's torch.amp.GradScaler (enabled for fp16 only)
+    fsdp: dict[str, Any] | None = None  # FullyShardedDataParallel's options when the launch asks for FSDP
+    pending_optimizer: dict[str, Any] | None = None  # FSDP resume: this rank's optimiser shard, loaded in wrap()
     _weight: float = 1.0
 
     @property
@@ -185,16 +194,48 @@ class Dist:
         """
         if self.world_size == 1:
             return (lambda batch: objective(model, batch)), optimizer
-        if "FSDP" in str(self.accelerator.distributed_type):
-            self.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_wrap_policy(model)
+        if self.fsdp is not None:
+            return self._wrap_fsdp(model, objective), optimizer
         self.wrapped, optimizer = self.accelerator.prepare(ObjectiveModule(model, objective), optimizer)
         return self.wrapped, optimizer
+
+    def _wrap_fsdp(self, model: nn.Module, objective: Callable):
+        """FSDP (v1) with ``use_orig_params``: the optimiser, built before wrapping on the original
+        parameters, keeps them (FSDP turns each into a view of this rank's shard, so the optimiser
+        state is per shard). A resumed run loads its shard of the optimiser state here, once the
+        parameters are the shards it was saved for."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        device = self.accelerator.device  # FSDP wants the bare "cpu" (Accelerate's CPU device compares unequal)
+        self.wrapped = FullyShardedDataParallel(
+            ObjectiveModule(model, objective), auto_wrap_policy=fsdp_wrap_policy(model),
+            device_id=torch.device("cpu") if device.type == "cpu" else device, use_orig_params=True, sync_module_states=False, **self.fsdp,
+        )  # fmt: skip
+        return self.wrapped
+
+    def load_optimizer_shard(self, optimizer) -> None:
+        """FSDP resume: this rank's optimiser state (saved per rank), after :meth:`wrap`."""
+        if self.pending_optimizer is None:
+            return
+        optimizer.load_state_dict(self.pending_optimizer)  # onto the shards' device
+        self.pending_optimizer = None
+
+    def optimizer_state(self, optimizer) -> dict[str, Any] | list[dict[str, Any]]:
+        """What a checkpoint stores: the optimiser state; under FSDP every rank's shard (a list, gathered
+        to every rank; the adapter's state is small). Every rank must call it."""
+        if self.fsdp is None:
+            return optimizer.state_dict()
+        return self.gather_object(optimizer.state_dict())
 
     @contextlib.contextmanager
     def no_sync(self, step_fn, sync: bool) -> Iterator[None]:
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation window."""
         if sync or self.world_size == 1:
             yield
+            return
+        if self.fsdp is not None:
+            with self.wrapped.no_sync():
+                yield
             return
         with self.accelerator.no_sync(step_fn):
             yield
@@ -213,26 +254,33 @@ class Dist:
         """The gradient norm before clipping; None where DeepSpeed clips inside its own step."""
         if self.accelerator is None:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.fsdp is not None:  # the norm over every rank's shard, not this rank's alone
+            return float(self.wrapped.clip_grad_norm_(max_norm))
         norm = self.accelerator.clip_grad_norm_(params, max_norm)
         return None if norm is None else float(norm)
 
     @property
     def sharded(self) -> bool:
         """Whether parameters or optimiser state are split across ranks (FSDP, DeepSpeed)."""
-        kind = str(getattr(self.accelerator, "distributed_type", ""))
-        return "FSDP" in kind or "DEEPSPEED" in kind
+        return self.fsdp is not None or "DEEPSPEED" in str(getattr(self.accelerator, "distributed_type", ""))
 
     @contextlib.contextmanager
     def full_params(self, model: nn.Module) -> Iterator[None]:
-        """Every rank enters; inside, ``model``'s adapter weights are whole (FSDP / ZeRO-3 shard them).
+        """Every rank enters; inside, rank 0's ``model`` is whole (FSDP / ZeRO-3 shard it) and can be
+        saved or evaluated by rank 0 alone, read-only.
 
-        DDP and one process: nothing to do. UNTESTED on FSDP/DeepSpeed (no GPU when written).
+        DDP and one process: nothing to do. FSDP (tested with 2 CPU processes): rank 0 gathers the whole
+        model, the frozen base too (a base that fits no single device cannot be saved or evaluated so),
+        and the FSDP wrappers of the decoder layers are lifted out of the module tree meanwhile, so the
+        adapter's names are those of the unwrapped model (no ``_fsdp_wrapped_module.``) and a forward
+        runs on the gathered weights without FSDP's collectives. DeepSpeed: UNTESTED.
         """
         kind = str(getattr(self.accelerator, "distributed_type", ""))
-        if "FSDP" in kind and self.wrapped is not None:
+        if self.fsdp is not None and self.wrapped is not None:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            with FullyShardedDataParallel.summon_full_params(self.wrapped, writeback=False):
+            with FullyShardedDataParallel.summon_full_params(self.wrapped, writeback=False, rank0_only=True), \
+                    _without_fsdp_wrappers(model, FullyShardedDataParallel):
                 yield
         elif "DEEPSPEED" in kind:
             import deepspeed
@@ -249,32 +297,85 @@ class Dist:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _trainable_leaf(module: nn.Module) -> bool:
-    """A module without children whose own parameters all train: LoRA's ``lora_A``/``lora_B``, a router."""
-    params = list(module.parameters(recurse=False))
-    return not list(module.children()) and bool(params) and all(p.requires_grad for p in params)
+@contextlib.contextmanager
+def _without_fsdp_wrappers(model: nn.Module, fsdp_cls: type) -> Iterator[None]:
+    """Replace every FSDP unit inside ``model`` by the module it wraps, and put the units back after."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        while found := [(parent, name, child) for parent in model.modules()
+                        for name, child in parent._modules.items() if isinstance(child, fsdp_cls)]:
+            for parent, name, child in found:
+                parent._modules[name] = child.module
+                swapped.append((parent, name, child))
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
 
 
 def fsdp_wrap_policy(model: nn.Module):
     """FSDP (v1) auto-wrap policy: every decoder layer of the base (the model's ``_no_split_modules``)
-    is a unit, and so is every trainable leaf module of the adapters, so the adapter weights form flat
-    parameters apart from the frozen base weights (PEFT's policy, for our layers). R-LoRA/HydraLoRA's
-    stacked ``lora_B`` is a bare parameter of the adapter layer and stays in its decoder layer's unit
-    beside frozen weights, which ``fsdp_use_orig_params: true`` allows. Set by the trainer, whatever
-    wrap policy the accelerate config names."""
+    is a unit; embeddings, final norm and LM head stay in the root unit.
+
+    The adapter weights share their decoder layer's unit with its frozen weights
+    (``use_orig_params=True`` allows the mix). They must: FSDP gathers a unit's parameters in that
+    unit's ``forward``, and the adapter layers read ``lora_A.weight``/``lora_B.weight`` (and
+    R-LoRA's stacked heads) directly inside their fused kernel, never calling those modules; units
+    of their own (PEFT's policy) leave them as flat shards there ("Bad in-place call: input tensor
+    size [24, 64] and output tensor size [24, 32]" on the first forward, observed with 2 CPU ranks).
+    """
     import functools
 
-    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = {type(m) for m in model.modules() if type(m).__name__ in names}
-    return functools.partial(
-        _or_policy,
-        policies=[
-            functools.partial(lambda_auto_wrap_policy, lambda_fn=_trainable_leaf),
-            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers),
-        ],
-    )
+    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
+
+
+_FSDP_CONFIG = "accelerate config (fsdp_config)"
+
+
+def fsdp_options() -> dict[str, Any] | None:
+    """``FullyShardedDataParallel`` keyword arguments from the launcher's ``FSDP_*`` variables (what
+    ``fsdp_config`` in the accelerate config becomes); None when the launch is not FSDP.
+
+    Honoured: sharding strategy, backward/forward prefetch, parameter offload. Not honoured, as the
+    trainer decides them: the wrap policy (:func:`fsdp_wrap_policy`), ``use_orig_params`` (always on),
+    ``sync_module_states`` and ``cpu_ram_efficient_loading`` (every rank loads the base and seeds the
+    same adapter init), activation checkpointing (``train.gradient_checkpointing``) and the state dict
+    type (checkpoints hold the whole adapter and each rank's optimiser shard).
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, ShardingStrategy
+
+    from mtlora.errors import UserError
+
+    if env.get("FSDP_VERSION", "1") != "1":
+        raise UserError(_FSDP_CONFIG, f"fsdp_version {env['FSDP_VERSION']} is not supported; use fsdp_version: 1")
+    if env.get("FSDP_USE_ORIG_PARAMS", "true").lower() != "true":
+        raise UserError(_FSDP_CONFIG, "fsdp_use_orig_params must be true (the optimiser is built on the adapter's "
+                                      "own parameters before wrapping)")
+
+    def enum(cls, key: str, default: str):
+        value = env.get(key, default)
+        names = [m.name for m in cls]
+        if value.isdigit() and 1 <= int(value) <= len(names):  # older configs give 1-based numbers
+            value = names[int(value) - 1]
+        if value not in names:
+            raise UserError(_FSDP_CONFIG, f"{key.lower()} is {value!r}; expected one of {', '.join(names)}")
+        return cls[value]
+
+    prefetch = env.get("FSDP_BACKWARD_PREFETCH", "BACKWARD_PRE")
+    return {
+        "sharding_strategy": enum(ShardingStrategy, "FSDP_SHARDING_STRATEGY", "FULL_SHARD"),
+        "backward_prefetch": None if prefetch == "NO_PREFETCH" else enum(BackwardPrefetch, "FSDP_BACKWARD_PREFETCH",
+                                                                         "BACKWARD_PRE"),
+        "forward_prefetch": env.get("FSDP_FORWARD_PREFETCH", "false").lower() == "true",
+        "cpu_offload": CPUOffload(offload_params=env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"),
+    }
 
 
 def setup() -> Dist:
@@ -287,6 +388,9 @@ def setup() -> Dist:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    fsdp = fsdp_options()
+    if fsdp is not None:  # the trainer wraps FSDP itself (module doc); Accelerate forms the process group
+        os.environ["ACCELERATE_USE_FSDP"] = "false"  # (also keeps transformers from meta-device loading)
     # Without a GPU, Accelerate only forms a process group when told to use the CPU (then: gloo).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -304,7 +408,7 @@ def setup() -> Dist:
     group = torch.distributed.new_group(
         backend="gloo" if accelerator.device.type == "cpu" else None, timeout=timedelta(hours=2)
     )
-    return Dist(accelerator.num_processes, accelerator.process_index, accelerator, group)
+    return Dist(accelerator.num_processes, accelerator.process_index, accelerator, group, fsdp=fsdp)
 
 
 def seed_rank(seed: int, rank: int) -> None:

@@ -240,12 +240,15 @@ def save_checkpoint(
     dist: Dist | None = None,
 ) -> None:
     """Write the checkpoint atomically. Distributed: every rank must call it (their RNG states are
-    gathered); rank 0 alone writes. Optimiser and adapter are replicas, so rank 0's are everyone's."""
+    gathered); rank 0 alone writes. Under DDP optimiser and adapter are replicas, so rank 0's are
+    everyone's; under FSDP the adapter is gathered whole and every rank's optimiser shard is kept
+    (``optimizer_per_rank``; ``optimizer`` then holds rank 0's shard)."""
     dist = dist or Dist()
     rng_per_rank = dist.gather_object(_rng_state())
+    optimizer_state = dist.optimizer_state(optimizer)
     trainer_state = {
         "step": state.step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state[0] if isinstance(optimizer_state, list) else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
         "rng": rng_per_rank[0],
@@ -254,6 +257,9 @@ def save_checkpoint(
     }
     if dist.world_size > 1:
         trainer_state["rng_per_rank"] = rng_per_rank
+    if isinstance(optimizer_state, list):
+        trainer_state["optimizer_per_rank"] = optimizer_state
+        trainer_state["fsdp_sharding"] = dist.fsdp["sharding_strategy"].name
     if dist.scaler is not None and dist.scaler.is_enabled():  # fp16: the loss scale resumes where it was
         trainer_state["scaler"] = dist.scaler.state_dict()
     if not dist.is_main and not dist.sharded:
@@ -286,9 +292,13 @@ def load_checkpoint(
         raise UserError(state_file, f"not a trainer state of this tool (expected keys {list(needed)}); {hint}")
     if not (ckpt / ADAPTER_DIR).is_dir():
         raise UserError(ckpt / ADAPTER_DIR, f"missing; {hint}")
-    load_adapter_weights(run.model, ckpt / ADAPTER_DIR)
+    load_adapter_weights(run.model, ckpt / ADAPTER_DIR)  # whole weights, before any FSDP wrapping shards them
+    _check_optimizer_layout(saved, state_file, dist, hint)
     try:
-        optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
+        if dist.fsdp is None:
+            optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
+        else:  # this rank's shard fits only the sharded parameters: loaded by Dist.wrap's caller
+            dist.pending_optimizer = saved["optimizer_per_rank"][dist.rank]
         scheduler.load_state_dict(saved["scheduler"])
         if dist.scaler is not None and "scaler" in saved:
             dist.scaler.load_state_dict(saved["scaler"])
@@ -308,6 +318,24 @@ def load_checkpoint(
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"])
+
+
+def _check_optimizer_layout(saved: dict[str, Any], state_file: Path, dist: Dist, hint: str) -> None:
+    """A sharded (FSDP) optimiser state resumes only under FSDP with the same processes and sharding;
+    a whole one (one process, DDP) only outside FSDP. ``load_state_dict`` checks no shapes, so a
+    mismatch would otherwise fail steps later, or silently apply another parameter's moments."""
+    shards = saved.get("optimizer_per_rank")
+    if dist.fsdp is None and shards is not None:
+        raise UserError(state_file, f"written by an FSDP run of {len(shards)} processes (its optimiser state is "
+                                    f"sharded); resume it under FSDP with {len(shards)} processes")
+    if dist.fsdp is not None:
+        sharding = dist.fsdp["sharding_strategy"].name
+        if shards is None:
+            raise UserError(state_file, "written by a one-process or DDP run; an FSDP run resumes only FSDP "
+                                        f"checkpoints (resume this one as it was started, or {hint.split('; ')[-1]})")
+        if len(shards) != dist.world_size or saved.get("fsdp_sharding") != sharding:
+            raise UserError(state_file, f"written by FSDP with {len(shards)} processes ({saved.get('fsdp_sharding')}); "
+                                        f"resume with the same (this launch: {dist.world_size}, {sharding})")
 
 
 def adapter_extra(run: Run) -> dict[str, Any]:
@@ -353,11 +381,11 @@ def finish_run(
     is_main = dist is None or dist.is_main
     model = run.model
     model.eval()
-    with dist.full_params(model) if dist is not None else nullcontext():
+    with dist.full_params(model) if dist is not None else nullcontext():  # FSDP: gathered on rank 0
         if is_main:
             save_adapter(model, out / ADAPTER_DIR, extra=adapter_extra(run), base_model_name=portable_name(run.config.model))
-    if is_main and run.eval_examples:
-        state.evals.append(evaluate_run(run, state.step, progress=progress))
+        if is_main and run.eval_examples:
+            state.evals.append(evaluate_run(run, state.step, progress=progress))
     trainable, total = count_parameters(model)
     summary = {
         "adapter": str(out / ADAPTER_DIR),
@@ -481,9 +509,9 @@ def train(
     out = Path(config.output_dir)
     plan = rundir.check(out, resume=resume, overwrite=overwrite)  # every rank checks, before any wait
     if resume:
-        if dist.sharded:
-            raise UserError("--resume", "resuming FSDP/DeepSpeed runs is not supported yet (their optimiser "
-                            "state is sharded); resume under DDP or one process")
+        if dist.sharded and dist.fsdp is None:
+            raise UserError("--resume", "resuming DeepSpeed runs is not supported (the engine shards the optimiser "
+                            "state and checkpoints do not save it); resume under FSDP, DDP or one process")
         changed = check_resume_config(out, config)
     if dist.is_main:
         rundir.claim(plan)
@@ -500,6 +528,11 @@ def train(
                 raise UserError(out, f"the checkpoint is at step {state.step}, past the {procedure.total} steps "
                                      "this config asks for")
         optimizer = procedure.bind(optimizer)
+        try:
+            dist.load_optimizer_shard(optimizer)  # FSDP resume: the shard fits the wrapped parameters only
+        except (ValueError, KeyError) as exc:
+            raise UserError(out / CHECKPOINT_DIR / STATE_FILE, f"optimiser state does not fit this run's adapter "
+                                                               f"({exc}); start the run again with --overwrite") from None
         if dist.is_main:
             if resume:
                 if changed:
@@ -542,9 +575,10 @@ def train(
                 state.history.append({"step": state.step, **logs})
                 log.step(state.step, logs)
                 if tcfg.eval_every and state.step % tcfg.eval_every == 0 and state.step < steps:
-                    if dist.is_main:  # the other ranks wait at their next collective
-                        state.evals.append(evaluate_run(run, state.step, progress=False))
-                        log.append({"step": state.step, "eval": state.evals[-1]["macro"]})
+                    with dist.full_params(model):  # FSDP: rank 0 evaluates the gathered model
+                        if dist.is_main:  # the other ranks wait at their next collective
+                            state.evals.append(evaluate_run(run, state.step, progress=False))
+                            log.append({"step": state.step, "eval": state.evals[-1]["macro"]})
                     model.train()
                 stopping = dist.world_size > 1 and float(dist.all_sum(torch.tensor([1.0 if stop else 0.0]))[0]) > 0
                 stopping = stopping or (dist.world_size == 1 and bool(stop))
