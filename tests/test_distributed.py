@@ -195,8 +195,9 @@ def test_meta_lora_refuses_several_processes(tmp_path, tiny_model_dir):
     assert not (tmp_path / "meta").exists()
 
 
-def test_fsdp_wrap_policy_puts_adapter_weights_in_units_of_their_own():
-    """The FSDP config's wrap policy (decided on CPU; FSDP itself needs GPUs to run here)."""
+def test_fsdp_wrap_policy_makes_decoder_layers_the_units():
+    """The FSDP wrap policy: decoder layers, with their adapter weights inside (the fused adapter
+    kernels read lora_A/lora_B without calling them, so those cannot be units; tests/test_fsdp.py runs it)."""
     from mtlora.adapters import inject_adapters, make_adapter_config
     from mtlora.distributed import fsdp_wrap_policy
     from mtlora.testing import tiny_model
@@ -206,7 +207,7 @@ def test_fsdp_wrap_policy_puts_adapter_weights_in_units_of_their_own():
     policy = fsdp_wrap_policy(model)
     wrapped = {name for name, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=1)}
     assert "model.layers.0" in wrapped and "model.layers.1" in wrapped
-    assert "model.layers.0.self_attn.q_proj.lora_A" in wrapped
-    assert "model.layers.0.self_attn.q_proj.router" in wrapped
-    assert "model.layers.0.self_attn.q_proj.base_layer" not in wrapped  # frozen: shards with its layer
+    assert "model.layers.0.self_attn.q_proj.lora_A" not in wrapped
+    assert "model.layers.0.self_attn.q_proj.router" not in wrapped
+    assert "model.layers.0.self_attn.q_proj.base_layer" not in wrapped
     assert not any(name.endswith("embed_tokens") for name in wrapped)

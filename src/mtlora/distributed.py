@@ -389,17 +389,22 @@ def setup() -> Dist:
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     fsdp = fsdp_options()
-    if fsdp is not None:  # the trainer wraps FSDP itself (module doc); Accelerate forms the process group
-        os.environ["ACCELERATE_USE_FSDP"] = "false"  # (also keeps transformers from meta-device loading)
-    # Without a GPU, Accelerate only forms a process group when told to use the CPU (then: gloo).
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
-            # rank 0 evaluates alone (eval_every, final eval) while the others wait at a collective
-            InitProcessGroupKwargs(timeout=timedelta(hours=2)),
-        ],
-    )
+    if fsdp is not None:  # every rank loads the whole base (transformers would put ranks > 0 on "meta")
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    # the trainer wraps FSDP itself (module doc): Accelerate, told nothing of it, forms the process group
+    hide_fsdp = {"ACCELERATE_USE_FSDP": os.environ.pop("ACCELERATE_USE_FSDP")} if fsdp is not None else {}
+    try:
+        # Without a GPU, Accelerate only forms a process group when told to use the CPU (then: gloo).
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False),
+                # rank 0 evaluates alone (eval_every, final eval) while the others wait at a collective
+                InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+            ],
+        )
+    finally:
+        os.environ.update(hide_fsdp)  # read again by the next run of this process (tests run several)
     if accelerator.num_processes != launched_world_size():
         raise RuntimeError(
             f"launched {launched_world_size()} processes but Accelerate formed a group of "

@@ -10,7 +10,8 @@ Data parallelism (``accelerate launch --num_processes N``, or ``mtlora train --n
 process*, so the global batch is ``batch_size * N`` and every rank takes a contiguous slice of it;
 the loss and the final adapter equal those of one process with ``batch_size * N`` (to rounding).
 Rank 0 alone writes the output folder, checkpoints, logs and progress; every rank loads a checkpoint
-on resume (each restores its own RNG state).
+on resume (each restores its own RNG state). Under FSDP a checkpoint keeps every rank's optimiser
+shard, so it resumes under FSDP with the same processes and sharding only (checked, one-line error).
 
 Checkpoints (``<output_dir>/checkpoint/``) hold the adapter (PEFT layout) and ``trainer_state.pt``:
 optimiser, scheduler, every RNG, the sampler's position and the log history, written atomically
@@ -293,11 +294,11 @@ def load_checkpoint(
     if not (ckpt / ADAPTER_DIR).is_dir():
         raise UserError(ckpt / ADAPTER_DIR, f"missing; {hint}")
     load_adapter_weights(run.model, ckpt / ADAPTER_DIR)  # whole weights, before any FSDP wrapping shards them
-    _check_optimizer_layout(saved, state_file, dist, hint)
+    _check_optimizer_layout(saved, state_file, dist)
     try:
         if dist.fsdp is None:
             optimizer.load_state_dict(saved["optimizer"])  # moves the state onto the parameters' device
-        else:  # this rank's shard fits only the sharded parameters: loaded by Dist.wrap's caller
+        else:  # this rank's shard fits only the sharded parameters: loaded after wrapping
             dist.pending_optimizer = saved["optimizer_per_rank"][dist.rank]
         scheduler.load_state_dict(saved["scheduler"])
         if dist.scaler is not None and "scaler" in saved:
@@ -320,7 +321,7 @@ def load_checkpoint(
     return TrainState(step=saved["step"], history=saved["history"], evals=saved["evals"])
 
 
-def _check_optimizer_layout(saved: dict[str, Any], state_file: Path, dist: Dist, hint: str) -> None:
+def _check_optimizer_layout(saved: dict[str, Any], state_file: Path, dist: Dist) -> None:
     """A sharded (FSDP) optimiser state resumes only under FSDP with the same processes and sharding;
     a whole one (one process, DDP) only outside FSDP. ``load_state_dict`` checks no shapes, so a
     mismatch would otherwise fail steps later, or silently apply another parameter's moments."""
@@ -332,7 +333,7 @@ def _check_optimizer_layout(saved: dict[str, Any], state_file: Path, dist: Dist,
         sharding = dist.fsdp["sharding_strategy"].name
         if shards is None:
             raise UserError(state_file, "written by a one-process or DDP run; an FSDP run resumes only FSDP "
-                                        f"checkpoints (resume this one as it was started, or {hint.split('; ')[-1]})")
+                                        "checkpoints (resume this one without FSDP)")
         if len(shards) != dist.world_size or saved.get("fsdp_sharding") != sharding:
             raise UserError(state_file, f"written by FSDP with {len(shards)} processes ({saved.get('fsdp_sharding')}); "
                                         f"resume with the same (this launch: {dist.world_size}, {sharding})")
