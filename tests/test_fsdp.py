@@ -186,3 +186,18 @@ def test_fsdp_options_come_from_the_launchers_variables(monkeypatch):
     monkeypatch.setenv("FSDP_USE_ORIG_PARAMS", "false")
     with pytest.raises(UserError, match="fsdp_use_orig_params must be true"):
         fsdp_options()
+
+
+def test_fsdp_refuses_half_precision(monkeypatch, tmp_path, tiny_model_dir, task_files):
+    """bf16/fp16 bases: FSDP (v1) would fail deep inside its flattening (frozen bf16 and fp32 adapter
+    weights share a unit); the trainer says so in one line before anything is written."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from mtlora.distributed import Dist
+
+    monkeypatch.setattr("mtlora.train.setup_distributed",
+                        lambda: Dist(fsdp={"sharding_strategy": ShardingStrategy.FULL_SHARD}))
+    cfg = _write_config(tmp_path, "bf16", tiny_model_dir, task_files, "lora", 2, sections={"precision": "bf16"})
+    with pytest.raises(UserError, match="bf16 is not supported under FSDP"):
+        train(load_config(cfg), progress=False)
+    assert not (tmp_path / "bf16").exists()

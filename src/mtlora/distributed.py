@@ -225,7 +225,10 @@ class Dist:
         to every rank; the adapter's state is small). Every rank must call it."""
         if self.fsdp is None:
             return optimizer.state_dict()
-        return self.gather_object(optimizer.state_dict())
+        state = optimizer.state_dict()  # on the CPU before pickling: rank 0 would unpickle onto others' GPUs
+        state["state"] = {i: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                          for i, s in state["state"].items()}
+        return self.gather_object(state)
 
     @contextlib.contextmanager
     def no_sync(self, step_fn, sync: bool) -> Iterator[None]:

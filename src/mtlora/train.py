@@ -509,6 +509,10 @@ def train(
     dist.scaler = scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     out = Path(config.output_dir)
     plan = rundir.check(out, resume=resume, overwrite=overwrite)  # every rank checks, before any wait
+    if dist.fsdp is not None and config.precision != "fp32":
+        raise UserError("precision", f"{config.precision} is not supported under FSDP: FSDP (v1) flattens a decoder "
+                        "layer's frozen base weights and its fp32 adapter weights into one tensor, which must have one "
+                        "dtype; use precision: fp32 under FSDP, or DDP")
     if resume:
         if dist.sharded and dist.fsdp is None:
             raise UserError("--resume", "resuming DeepSpeed runs is not supported (the engine shards the optimiser "
