@@ -68,7 +68,13 @@ def main() -> None:
     import peft
     from transformers.utils import logging as hf_logging
 
-    from mtlora.adapters import LoraLinear, inject_adapters, kernels, make_adapter_config, trainable_parameters
+    from mtlora.adapters import (
+        LoraLinear,
+        inject_adapters,
+        kernels,
+        make_adapter_config,
+        trainable_parameters,
+    )
     from mtlora.models import load_model, resolve_device
     from mtlora.objectives import supervised_lm_loss
     from mtlora.train import retain_freed_memory

@@ -3,14 +3,12 @@
 This is the one device resolver of the repository. It lives here, not in ``mtlora.models``,
 because ``cvlm`` must not depend on ``mtlora`` (it is installed, tested and cited on its own)
 while ``mtlora`` may import a leaf module of ``cvlm`` (both ship in one distribution), so the two
-command lines read ``--device`` / ``device=`` the same way. Each package raises its own
-``UserError`` class (its CLI catches only that one), hence ``error``.
+command lines read ``--device`` / ``device=`` the same way.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from itertools import chain
 
 import torch
@@ -20,10 +18,9 @@ from .errors import UserError
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 
-def resolve_device(name: str | torch.device, *, where: str = "device",
-                   error: Callable[[str, str], Exception] = UserError) -> torch.device:  # fmt: skip
+def resolve_device(name: str | torch.device, *, where: str = "device") -> torch.device:
     """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device this
-    machine lacks is ``error(where, message)`` (one line, exit 2), never a fallback to another
+    machine lacks is a ``UserError`` at ``where`` (one line, exit 2), never a fallback to another
     device: a run asked to use a GPU that silently trains on the CPU wastes the hours it takes."""
     if isinstance(name, torch.device):
         return name
@@ -38,18 +35,18 @@ def resolve_device(name: str | torch.device, *, where: str = "device",
         return torch.device("cpu")
     if key == "mps":
         if not has_mps:
-            raise error(where, "mps requested but this machine has no MPS device (Apple GPU)")
+            raise UserError(where, "mps requested but this machine has no MPS device (Apple GPU)")
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", key)
     if match is None:
-        raise error(where, f"expected one of {list(DEVICES)}, got {name!r}")
+        raise UserError(where, f"expected one of {list(DEVICES)}, got {name!r}")
     if not torch.cuda.is_available():
         build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
         use = f"{where} cpu" if where.startswith("--") else f"{where}=cpu"
-        raise error(where, f"{key} requested but this machine has no CUDA device ({build}); use {use} or auto")
+        raise UserError(where, f"{key} requested but this machine has no CUDA device ({build}); use {use} or auto")
     index = int(match.group(1) or 0)
     if index >= torch.cuda.device_count():
-        raise error(where, f"{key} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(where, f"{key} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(key if match.group(1) else "cuda")
 
 

@@ -150,7 +150,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device this
     machine lacks is a ``UserError`` (one line, exit 2), never a fallback to another device. The
     one resolver is ``cvlm.devices.resolve_device`` (``cvlm`` may not import ``mtlora``)."""
-    return _resolve_device(name, error=UserError)
+    return _resolve_device(name)
 
 
 def resolve_precision(name: str) -> torch.dtype:

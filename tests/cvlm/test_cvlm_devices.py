@@ -55,8 +55,9 @@ def test_resolve_device_is_shared_with_mtlora():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else resolve_device("auto").type)
     with pytest.raises(cvlm.errors.UserError, match=r"^--device: expected one of \['auto'"):
         resolve_device("tpu", where="--device")
-    with pytest.raises(mtlora.errors.UserError, match="^device: expected one of"):  # each package its own class
+    with pytest.raises(mtlora.errors.UserError, match="^device: expected one of"):
         mtlora.models.resolve_device("tpu")
+    assert mtlora.errors.UserError is cvlm.errors.UserError  # one class: both command lines catch it
 
 
 @no_cuda

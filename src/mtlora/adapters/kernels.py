@@ -37,7 +37,6 @@ import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -243,7 +242,7 @@ def lora_backward(
 
 @torch.library.custom_op("mtlora::lora_linear", mutates_args=())
 def lora_linear(
-    x2: torch.Tensor, w0: torch.Tensor, bias: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+    x2: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
     scale: float, rescale: float, seed: int, drop16: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A whole plain LoRA layer on 2-D float32 CPU rows: ``(x2 W0.T + bias + scale z B.T, z, bits)``
@@ -262,7 +261,7 @@ def _lora_linear_fake(x2, w0, bias, a, b, scale, rescale, seed, drop16):
 
 @torch.library.custom_op("mtlora::lora_linear_backward", mutates_args=())
 def lora_linear_backward(
-    g2: torch.Tensor, g_phi: Optional[torch.Tensor], x2: torch.Tensor, w0: torch.Tensor, a: torch.Tensor,
+    g2: torch.Tensor, g_phi: torch.Tensor | None, x2: torch.Tensor, w0: torch.Tensor, a: torch.Tensor,
     b: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, scale: float, rescale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_A, grad_B)`` of ``lora_linear`` (first order; ``lora_backward`` + ``g2 W0``)."""  # fmt: skip

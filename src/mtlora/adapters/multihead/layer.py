@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.adapters.context import current_context
 from mtlora.adapters.backends import add_low_rank, project_kept
+from mtlora.adapters.context import current_context
 from mtlora.adapters.lora import LoraConfig, LoraLinear
 from mtlora.errors import UserError
 
