@@ -3,6 +3,7 @@
     python benchmarks/train_step.py            # SmolLM2-135M, r=8, all linear layers, 8 x 128 tokens
     python benchmarks/train_step.py --quick    # fewer repetitions
     python benchmarks/train_step.py --device cuda --precision bf16
+    python benchmarks/train_step.py --no-compile   # without the torch.compile row (its compile takes minutes)
 
 ``--precision bf16|fp16`` loads every variant's frozen base in that dtype and runs its forward under
 autocast (``mtlora.models.apply_precision``); the adapters stay fp32 master weights, in ours and in
@@ -13,12 +14,20 @@ Same configuration for all variants: LoRA r=8, alpha=16, dropout 0.05 on every l
 the LM head; a batch of 8 rows x 128 tokens whose last ``--answer-tokens`` tokens of each row are
 the supervised answer (labels -100 elsewhere), as in answer-only fine-tuning.
 
-- ours:  mtlora LoRA + answer-only loss, LM head applied only at supervised positions
-- peft:  peft.get_peft_model + the stock HF forward with ``labels`` (logits at every position)
-- two_node: ours with each LoRA layer as two autograd nodes (frozen layer, then adapter) instead of
-         one (``_FusedLoraLinear``): ``fused_over_two_node`` is what the fusion buys
-- floor: the frozen base, no adapter, forward + backward over the same tokens and the same loss
-         positions (our loss path; gradients flow back to the input embeddings)
+A row per route of our layer (``adapter.backend``, ``mtlora/adapters/backends.py``), all with our
+answer-only loss (the LM head applied only at supervised positions):
+
+- ours:      ``backend: auto``, the default (the C kernels for fp32 on a CPU where they build)
+- torch:     ``backend: torch``, one fused autograd node per layer on torch ops
+- two_node:  the torch route with each layer as two autograd nodes (frozen layer, then adapter):
+             ``fused_over_two_node`` is what the fusion buys
+- reference: ``backend: reference``, ``base(x) + s * B(A(drop(x)))`` in plain ops
+- peft:      peft.get_peft_model + the stock HF forward with ``labels`` (logits at every position)
+- peft_compiled: the same PEFT model under ``torch.compile`` (inductor): what compiling a textbook
+             LoRA gives (our layers graph-break at their context read, a ContextVar dynamo cannot
+             trace, so compiling ours would measure the breaks)
+- floor:     the frozen base, no adapter, forward + backward over the same tokens and the same loss
+             positions (our loss path; gradients flow back to the input embeddings)
 
 The process runs with ``retain_freed_memory()`` as our trainer does (glibc keeps freed memory, so
 re-allocated activations do not page-fault); it is process-wide, so every variant runs under it.
@@ -52,13 +61,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--no-retain", action="store_true", help="glibc's default malloc settings")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = parser.parse_args()
     reps = 5 if args.quick else args.reps
 
     import peft
     from transformers.utils import logging as hf_logging
 
-    from mtlora.adapters import LoraLinear, inject_adapters, make_adapter_config, trainable_parameters
+    from mtlora.adapters import (
+        LoraLinear,
+        inject_adapters,
+        kernels,
+        make_adapter_config,
+        trainable_parameters,
+    )
     from mtlora.models import load_model, resolve_device
     from mtlora.objectives import supervised_lm_loss
     from mtlora.train import retain_freed_memory
@@ -70,18 +86,21 @@ def main() -> None:
     device = resolve_device(args.device)
     load = {"device": device, "precision": args.precision}
 
-    ours, tok = load_model(args.model, **load)
-    inject_adapters(ours, make_adapter_config("lora", r=8, alpha=16, dropout=args.dropout, target_modules="all-linear"))
+    def ours_with(backend: str, fused: bool = True):
+        model, tok = load_model(args.model, **load)
+        inject_adapters(model, make_adapter_config("lora", r=8, alpha=16, dropout=args.dropout,
+                                                   target_modules="all-linear", backend=backend))
+        if not fused:  # the same adapters without the one-node layer: what fusing it buys
+            for module in model.modules():
+                if isinstance(module, LoraLinear):
+                    module.fused_route = False
+        return model, tok
+
+    ours, tok = ours_with("auto")
     base_for_peft, _ = load_model(args.model, **load)
     peft_model = peft.get_peft_model(
         base_for_peft, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear")
     )
-    # the same adapters without the one-node layer (``_FusedLoraLinear``): what fusing it buys
-    two_node, _ = load_model(args.model, **load)
-    inject_adapters(two_node, make_adapter_config("lora", r=8, alpha=16, dropout=args.dropout, target_modules="all-linear"))
-    for module in two_node.modules():
-        if isinstance(module, LoraLinear):
-            module._fusable = lambda x: False
     floor, _ = load_model(args.model, **load)
     for p in floor.parameters():
         p.requires_grad_(False)
@@ -94,14 +113,21 @@ def main() -> None:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
              "task_ids": torch.zeros(args.batch, dtype=torch.long, device=device)}
 
-    models = {"ours": ours, "peft": peft_model, "two_node": two_node, "floor": floor}
+    models = {"ours": ours, "torch": ours_with("torch")[0], "two_node": ours_with("torch", fused=False)[0],
+              "reference": ours_with("reference")[0], "peft": peft_model}
+    if not args.no_compile:
+        compiled_base, _ = load_model(args.model, **load)
+        compiled = peft.get_peft_model(
+            compiled_base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear"))
+        models["peft_compiled"] = torch.compile(compiled)
+    models["floor"] = floor
     for m in models.values():
         m.to(device).train()
-    optims = {
-        "ours": torch.optim.AdamW([p for _, p in trainable_parameters(ours)], lr=1e-4, fused=True),  # as the trainer
-        "two_node": torch.optim.AdamW([p for _, p in trainable_parameters(two_node)], lr=1e-4, fused=True),
-        "peft": torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4),
-    }
+    optims = {name: torch.optim.AdamW([p for _, p in trainable_parameters(models[name])], lr=1e-4, fused=True)
+              for name in ("ours", "torch", "two_node", "reference")}  # fused AdamW, as the trainer
+    for name in ("peft", "peft_compiled"):  # torch's default AdamW, as a PEFT user's loop would
+        if name in models:
+            optims[name] = torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
     n_ours = sum(p.numel() for _, p in trainable_parameters(ours))
     n_peft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert n_ours == n_peft, (n_ours, n_peft)
@@ -112,7 +138,7 @@ def main() -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        if name == "peft":
+        if name.startswith("peft"):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
         else:
@@ -124,8 +150,12 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for name in models:  # warm-up
+    compile_s = None
+    for name in models:  # warm-up (the compiled model compiles here: timed apart)
+        t0 = time.perf_counter()
         step(name)
+        if name == "peft_compiled":
+            compile_s = time.perf_counter() - t0
         step(name)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(reps):
@@ -137,13 +167,22 @@ def main() -> None:
           f"LoRA r=8 dropout {args.dropout} all-linear ({n_ours:,} trainable), {reps} interleaved reps, device {device}, "
           f"precision {args.precision}, "
           f"{torch.get_num_threads()} threads, freed memory retained: {retained}")
-    print(f"{'variant':<9} {'median s':>10} {'min s':>10} {'max s':>10}")
+    print(f"{'variant':<14} {'median s':>9} {'min s':>9} {'max s':>9} {'/ peft':>8} {'/ floor':>8}")
     for name in models:
-        print(f"{name:<9} {med[name]:>10.3f} {min(times[name]):>10.3f} {max(times[name]):>10.3f}")
+        print(f"{name:<14} {med[name]:>9.3f} {min(times[name]):>9.3f} {max(times[name]):>9.3f} "
+              f"{med[name] / med['peft']:>8.3f} {med[name] / med['floor']:>8.3f}")
+    if compile_s is not None:
+        print(f"(peft_compiled: first step, compiling, {compile_s:.0f} s)")
+    over = {name: {"over_peft": round(med[name] / med["peft"], 4), "over_floor": round(med[name] / med["floor"], 4)}
+            for name in models if name != "floor"}
     result = {
         "lora_over_peft": round(med["ours"] / med["peft"], 4),
         "lora_over_floor": round(med["ours"] / med["floor"], 4),
         "fused_over_two_node": round(med["ours"] / med["two_node"], 4),
+        "c_kernels_used": bool(kernels.library() is not None and args.precision == "fp32" and device.type == "cpu"),
+        "ours_over_peft_compiled": round(med["ours"] / med["peft_compiled"], 4) if "peft_compiled" in med else None,
+        "variants": over,
+        "compile_s": None if compile_s is None else round(compile_s, 1),
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "dropout": args.dropout,
         "device": str(device),

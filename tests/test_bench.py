@@ -271,3 +271,45 @@ def test_cpu_profile_full_data_and_k_shot_cells(tmp_path):
     k50 = configs["lora_k50"][1]
     assert k50.train.seed == meta.train.seed
     assert {ex for p in pools for ex in (*p.support, *p.query)} == set(training_examples(k50))
+
+
+def test_a_second_protocol_scores_the_same_trained_cells(tmp_path, tiny_model_dir, task_files):
+    """``mtlora bench --protocol generate_extract``: every finished cell's saved adapter evaluated
+    again (nothing trains, done cells are skipped), its table beside the grid's own."""
+    from mtlora.bench import bench_command
+
+    raw = _raw(tmp_path, tiny_model_dir, task_files)
+    run_bench(bench_from_dict(raw, source="tiny.yaml"), progress=False, echo=lambda _: None)
+    out = tmp_path / "bench"
+    cell_json = {p: p.read_text() for p in out.glob("cells/*/*/cell.json")}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    lines: list[str] = []
+    assert bench_command(config, protocol="generate_extract", max_per_task=3, max_new_tokens=4, echo=lines.append) == 0
+    assert {p: p.read_text() for p in out.glob("cells/*/*/cell.json")} == cell_json  # nothing retrained
+    extra = sorted(out.glob("cells/*/*/eval_generate_extract.json"))
+    assert len(extra) == 3  # zero-shot once, lora at two seeds
+    row = json.loads(extra[0].read_text())
+    assert row["protocol"] == "generate_extract" and row["max_per_task"] == 3
+    assert all(len(v["correct"]) <= 3 for v in row["examples"].values())
+    results = json.loads((out / "results.json").read_text())
+    protocol = results["protocols"]["generate_extract"]["methods"]
+    assert protocol["lora"]["seeds_done"] == [0, 1] and "macro" in protocol["lora"]
+    table = (out / "table.md").read_text()
+    assert "## The papers' protocol: generate_extract" in table and "## Orderings under generate_extract" in table
+    # resumable: a second call evaluates nothing
+    lines.clear()
+    assert bench_command(config, protocol="generate_extract", max_per_task=3, max_new_tokens=4, echo=lines.append) == 0
+    assert not any("evaluating under" in line for line in lines)
+    with pytest.raises(UserError, match="--protocol: expected generate_extract or loglik"):
+        bench_command(config, protocol="exact")
+
+
+def _raw(tmp_path: Path, model: Path, tasks: list[Path]) -> dict:
+    return {"title": "tiny grid", "output_dir": str(tmp_path / "bench"), "seeds": [0, 1], "isolate": False,
+            "base": {"model": str(model), "tasks": [str(t) for t in tasks],
+                     "adapter": {"r": 2, "alpha": 4, "target_modules": TARGETS},
+                     "data": {"max_length": 32, "max_eval_per_task": 4},
+                     "train": {"batch_size": 4, "max_steps": 2, "save_every": 1, "log_every": 1},
+                     "eval": {"batch_size": 8}},
+            "methods": {k: METHODS[k] for k in ("zero_shot", "lora")}}

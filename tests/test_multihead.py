@@ -22,7 +22,7 @@ from mtlora.adapters import (
     save_adapter,
     unload,
 )
-from mtlora.adapters.lora import InputDropout
+from mtlora.adapters.dropout import InputDropout
 from mtlora.adapters.multihead import METHODS, MultiHeadLoraLinear, router_aux_loss
 from mtlora.errors import UserError
 from mtlora.testing import TINY_ARCHS, tiny_model

@@ -7,7 +7,7 @@ report text - writing, a CheXpert-style labeller and edits of a generator's own 
 (``generator``), a Hugging Face adapter (``hf``), real images and report folders (``data``), the
 report-conditioned manipulator (``manipulator``), explanation maps and baselines (``explain``),
 metrics (``metrics``), the evaluation with intervals (``evaluate``), the demo (``pipeline``) and
-its HTML page (``html_report``).
+its HTML page (``html_report``), and the device all of it runs on (``devices``).
 """
 
 __version__ = "0.2.0"

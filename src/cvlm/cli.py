@@ -25,6 +25,17 @@ def _threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+DEVICE_HELP = "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps: where every model and tensor runs"
+
+
+def _device(name: str):
+    """The ``--device`` option as a ``torch.device``; a device this machine lacks is one line, exit 2,
+    before anything is written or loaded."""
+    from .devices import resolve_device
+
+    return resolve_device(name, where="--device")
+
+
 def _out_dir(out: Path, overwrite: bool, names: tuple[str, ...]) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(out, "expected a directory for --out")
@@ -47,6 +58,7 @@ def demo(
     budget_s: float = typer.Option(-1.0, "--budget-s", help="CPU seconds for the five trainings of a seed "
                                    "(default: the config's; 0 = no time cap, run the step counts exactly)"),
     resume: bool = typer.Option(False, "--resume", help="continue a run in --out (reuse finished seeds)"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Train G, G2, M and the shortcut pair on phantoms per seed; write metrics.json, results.md and report.html."""
     from .pipeline import DemoConfig, run_demo
@@ -55,13 +67,14 @@ def demo(
         seeds = [int(v) for t in [*seed_text, *ctx.args] for v in t.replace(",", " ").split()]
     except ValueError:
         raise UserError("--seeds", f"expected whole numbers such as 0 1 2, got {' '.join([*seed_text, *ctx.args])!r}") from None
+    dev = _device(device)
     _threads(threads)
     if not resume:
         _out_dir(out, overwrite, ("metrics.json", "report.html", *(f"seed_{s}" for s in seeds)))
     cfg = DemoConfig.quick() if quick else DemoConfig()
     if budget_s >= 0:
         cfg.budget_s = budget_s or None
-    m = run_demo(out, cfg, seeds=seeds, progress=progress, log=lambda s: typer.echo(s, err=True))
+    m = run_demo(out, cfg, seeds=seeds, progress=progress, log=lambda s: typer.echo(s, err=True), device=dev)
     for k, t in m["targets"].items():
         lo, hi = t["ci95"]
         typer.echo(f"{k:36s} {t['value']:.3f} [{lo:.3f}, {hi:.3f}]  target {t['target']:7s} "
@@ -98,6 +111,7 @@ def explain(
     refine_init: str | None = typer.Option(
         None, "--refine-init", help="start the optimisation from 'zero' or from M's change, 'manipulator' (default: as saved)"
     ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Explain a generator's report of IMAGE under an edit of that report: writes x' (PNG and the
     float .npy), the signed and absolute change, and explanation.json with the report G writes for
@@ -112,17 +126,19 @@ def explain(
     from .pipeline import load_generator, load_manipulator
     from .report_text import edit_text, label_report, parse_edit
 
+    dev = _device(device)
     _threads(threads)
     model = _model_folder(model)
     if generator is not None:
         from .hf import HFReportGenerator
 
-        gen = HFReportGenerator.from_pretrained(generator)
+        gen = HFReportGenerator.from_pretrained(generator, device=dev)
         has_m = (model / "manipulator.pt").is_file()
-        manip = load_manipulator(model / "manipulator.pt") if has_m else Manipulator(ManipulatorConfig(refine_init="zero"))
+        manip = (load_manipulator(model / "manipulator.pt", dev) if has_m
+                 else Manipulator(ManipulatorConfig(refine_init="zero")).to(dev))  # fmt: skip
     else:
-        gen = load_generator(model / "generator.pt")
-        manip = load_manipulator(model / "manipulator.pt")
+        gen = load_generator(model / "generator.pt", dev)
+        manip = load_manipulator(model / "manipulator.pt", dev)
     overrides = {k: v for k, v in (("refine_steps", refine_steps), ("refine_init", refine_init)) if v is not None}
     try:  # ManipulatorConfig validates its own fields ("<field>: expected ...")
         manip.cfg = dataclasses.replace(manip.cfg, **overrides)
@@ -130,23 +146,24 @@ def explain(
         field, _, message = str(e).partition(": ")
         raise UserError("--" + field.replace("_", "-"), message) from None
     _out_dir(out, overwrite, ("explanation.json",))
-    x = torch.from_numpy(load_image(image, gen.image_spec.size))[None, None]
+    x = torch.from_numpy(load_image(image, gen.image_spec.size))[None, None].to(dev)
     t = gen.generate(x)[0]
     before = label_report(t)
     e = parse_edit(edit, before)
     t_new = edit_text(t, e)
     x_new = manip.manipulate(x, [t_new], [t], gen=gen)
     t_regen = gen.generate(x_new)[0]
-    delta = (x_new - x)[0, 0].numpy()
+    x_np, x_new_np = x[0, 0].cpu().numpy(), x_new[0, 0].cpu().numpy()  # the files are written from the CPU
+    delta = x_new_np - x_np
     scale = max(1, 256 // gen.image_spec.size)
-    save_png(out / "original.png", x[0, 0].numpy(), scale=scale)
-    save_png(out / "manipulated.png", np.clip(x_new[0, 0].numpy(), 0, 1), scale=1)
-    np.save(out / "manipulated.npy", x_new[0, 0].numpy())  # float x', not rounded to 8 bits
+    save_png(out / "original.png", x_np, scale=scale)
+    save_png(out / "manipulated.png", np.clip(x_new_np, 0, 1), scale=1)
+    np.save(out / "manipulated.npy", x_new_np)  # float x', not rounded to 8 bits
     save_png(out / "cvlm_map.png", np.abs(delta), cmap="inferno", scale=scale)
     lim = float(np.abs(delta).max()) or 1.0
     save_png(out / "signed_change.png", delta, cmap="RdBu_r", scale=scale, limits=(-lim, lim))  # 0 = white
     # what G writes for the PNG as saved (8-bit, clipped): the file a reader would look at
-    saved = torch.from_numpy(load_image(out / "manipulated.png", gen.image_spec.size))[None, None]
+    saved = torch.from_numpy(load_image(out / "manipulated.png", gen.image_spec.size))[None, None].to(dev)
     t_saved = gen.generate(saved)[0]
     target = e.apply(before).get(e.name)
     ok = label_report(t_regen).get(e.name) == target
@@ -155,7 +172,7 @@ def explain(
            "cycle_success": ok, "report_of_saved_png": t_saved,
            "cycle_success_saved_png": label_report(t_saved).get(e.name) == target,
            "mean_abs_delta": float(np.abs(delta).mean()), "refine_steps": manip.cfg.refine_steps,
-           "refine_init": manip.cfg.refine_init}  # fmt: skip
+           "refine_init": manip.cfg.refine_init, "device": str(dev)}  # fmt: skip
     atomic_write_text(out / "explanation.json", json.dumps(res, indent=2))
     for k, v in res.items():
         typer.echo(f"{k}: {v}")

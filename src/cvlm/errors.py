@@ -4,9 +4,9 @@ A ``UserError`` is a mistake the user can fix (missing file, unreadable image, b
 CLI prints it as one line ``error: <file>[:<line>]: <what was expected>`` and exits with code 2,
 without a traceback; anything else is a bug and keeps its traceback.
 
-This is deliberately a copy of ``mtlora.errors`` (the same ``UserError`` and atomic writes), not an
-import of it: ``cvlm`` must not depend on ``mtlora`` (it is installed, tested and cited on its
-own), and a shared third package for 50 lines would cost more than the copy.
+``mtlora.errors`` re-exports this ``UserError``: one class for both command lines, defined here
+because ``cvlm`` imports nothing from ``mtlora`` (it is installed, tested and cited on its own).
+The atomic writes below are ``cvlm``'s own for the same reason (``mtlora.fileio`` is mtlora's).
 """
 
 from __future__ import annotations

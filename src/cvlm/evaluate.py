@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .devices import device_of
 from .explain import BASELINES, baseline_maps, cvlm_map
 from .metrics import auroc, collateral_changes, cycle_success, pointing_game, topk_iou
 from .phantoms import FINDINGS, MARKER_NAME, Phantom, render
@@ -29,6 +30,11 @@ METHODS = (*CVLM_VARIANTS, *BASELINES)
 
 def _labels(reports: list[str]) -> list[dict]:
     return [label_report(r) for r in reports]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A map or image for the rows and the page: numpy, so on the CPU whatever device made it."""
+    return t.detach().cpu().numpy()
 
 
 def _variant(manip, x, t_new, t, gen, variant: str) -> torch.Tensor:
@@ -52,7 +58,7 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int, gen2=None,
     (elsewhere the edit is no change for G2); G2's collateral is counted on every case.
     Returns the rows per variant and, per edit kind, one example for the page."""
     rng = np.random.default_rng(seed)
-    x = images_tensor(test)
+    x = images_tensor(test, device_of(gen))
     t_old = gen.generate(x)
     before = _labels(t_old)
     edits: list[Edit] = []
@@ -88,10 +94,10 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int, gen2=None,
                     continue
                 p = test[i]
                 mask = None if kind == "add" else p.masks.get(edits[i].name)  # an added finding has no mask
-                maps = {"cvlm": (x_new[i] - x[i]).abs()[0].numpy()}
+                maps = {"cvlm": _np((x_new[i] - x[i]).abs()[0])}
                 for name, bm in baseline_maps(gen, x[i : i + 1], [t_old[i]], [t_new[i]]).items():
-                    maps[name] = bm[0].detach().numpy()
-                examples[kind] = {"edit": edits[i].describe(), "image": p.image, "x_new": x_new[i, 0].numpy(),
+                    maps[name] = _np(bm[0])
+                examples[kind] = {"edit": edits[i].describe(), "image": p.image, "x_new": _np(x_new[i, 0]),
                                   "mask": mask, "maps": maps, "t": t_old[i], "t_new": t_new[i], "g": r_new[i],
                                   "g2": r2[i] if r2 is not None else None, "success": rows[v][i]["success"],
                                   "transfer": rows[v][i].get("transfer")}  # fmt: skip
@@ -105,7 +111,7 @@ def evaluate_edits(gen, manip, test: list[Phantom], seed: int, gen2=None,
 def localisation_cases(gen, test: list[Phantom], n_per_finding: int) -> list[tuple[int, str]]:
     """(phantom index, finding) where the finding is truly present AND the generator reports it,
     so that "remove it" is an edit of the generator's own report with a known mask."""
-    reports = gen.generate(images_tensor(test))
+    reports = gen.generate(images_tensor(test, device_of(gen)))
     cases: list[tuple[int, str]] = []
     for name in FINDINGS:
         sel = [i for i, (p, r) in enumerate(zip(test, reports, strict=True))
@@ -121,18 +127,18 @@ def explain_cases(gen, manip, phantoms: list[Phantom], cases: list[tuple[int, st
     x_news, t_olds, t_news = [], [], []
     for k in range(0, len(cases), batch):
         chunk = cases[k : k + batch]
-        x = images_tensor([phantoms[i] for i, _ in chunk])
+        x = images_tensor([phantoms[i] for i, _ in chunk], device_of(gen))
         t = gen.generate(x)
         t_new = [edit_text(r, Edit("remove", label_report(r)[n], n)) for r, (_, n) in zip(t, chunk, strict=True)]
         for v in (m for m in methods if m in CVLM_VARIANTS):
             x_new = _variant(manip, x, t_new, t, gen, v)
-            maps[v].append((x_new - x).abs()[:, 0].numpy())
+            maps[v].append(_np((x_new - x).abs()[:, 0]))
             if v == "cvlm":
-                x_news.append(x_new[:, 0].numpy())
+                x_news.append(_np(x_new[:, 0]))
         if any(m in BASELINES for m in methods):
             for name, bm in baseline_maps(gen, x, t, t_new).items():
                 if name in maps:
-                    maps[name].append(bm.detach().numpy())
+                    maps[name].append(_np(bm))
         t_olds += t
         t_news += t_new
     if not cases:  # e.g. a generator that never reports the finding: nothing to explain
@@ -158,7 +164,7 @@ def score_cases(maps: dict, masks: list[np.ndarray], methods: Sequence[str] = ME
 
 def shortcut_candidates(gen_s, s_test: list[Phantom]) -> list[int]:
     """Held-out phantoms with the finding and the marker whose report by ``gen_s`` states the finding."""
-    rep = _labels(gen_s.generate(images_tensor(s_test)))
+    rep = _labels(gen_s.generate(images_tensor(s_test, device_of(gen_s))))
     return [i for i, p in enumerate(s_test)
             if MARKER_NAME in p.masks and SHORTCUT_FINDING in p.findings and SHORTCUT_FINDING in rep[i]]  # fmt: skip
 
@@ -182,8 +188,9 @@ def evaluate_shortcut(gen_s, manip_s, s_test: list[Phantom], seed: int, size: in
     no_marker = [render(s_test[i].findings, base_seed + i, size=size, marker=False) for i in cand]
     no_finding = [render({k: v for k, v in s_test[i].findings.items() if k != SHORTCUT_FINDING}, base_seed + i,
                          size=size, marker=True) for i in cand]  # fmt: skip
-    nm = _labels(gen_s.generate(images_tensor(no_marker))) if cand else []
-    nf = _labels(gen_s.generate(images_tensor(no_finding))) if cand else []
+    dev = device_of(gen_s)
+    nm = _labels(gen_s.generate(images_tensor(no_marker, dev))) if cand else []
+    nf = _labels(gen_s.generate(images_tensor(no_finding, dev))) if cand else []
     reliant_all = [SHORTCUT_FINDING not in r for r in nm]
     s_cases = [(i, SHORTCUT_FINDING) for i in cand[:n_short]]
     reliant = reliant_all[:n_short]
@@ -192,7 +199,7 @@ def evaluate_shortcut(gen_s, manip_s, s_test: list[Phantom], seed: int, size: in
                  for m in methods}  # fmt: skip
     on_finding = {m: [pointing_game(a, s_test[i].masks[SHORTCUT_FINDING]) for a, (i, _) in zip(s_maps[m], s_cases, strict=True)]
                   for m in methods}  # fmt: skip
-    after = _labels(gen_s.generate(torch.from_numpy(s_maps["x_new"])[:, None])) if s_cases else []
+    after = _labels(gen_s.generate(torch.from_numpy(s_maps["x_new"])[:, None].to(dev))) if s_cases else []
     return {
         "finding": SHORTCUT_FINDING,
         "n_candidates": len(cand),

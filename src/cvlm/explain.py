@@ -75,8 +75,8 @@ def occlusion(
     patch = patch or max(2, H // 8)
     stride = stride or max(1, patch // 2)
     s0 = contrastive_score(gen, images, t, t_new)
-    heat = torch.zeros(B, H, W)
-    count = torch.zeros(B, H, W)
+    heat = torch.zeros(B, H, W, device=images.device)
+    count = torch.zeros(B, H, W, device=images.device)
     fill = images.mean((1, 2, 3), keepdim=True)
     for y in range(0, H - patch + 1, stride):
         for x in range(0, W - patch + 1, stride):

@@ -152,8 +152,8 @@ class CXRReportGenerator(nn.Module):
         h = self.decoder(x, self._memory(feats), tgt_mask=causal, tgt_is_causal=True)
         return self.head(self.norm(h))
 
-    def batch_tokens(self, reports: list[str]) -> Tensor:
-        return pad_tokens([self.tokenizer.encode(r)[: self.cfg.max_len] for r in reports])
+    def batch_tokens(self, reports: list[str], device: torch.device | str | None = None) -> Tensor:
+        return pad_tokens([self.tokenizer.encode(r)[: self.cfg.max_len] for r in reports], device)
 
     def token_logprobs(self, feats: Tensor, tokens: Tensor) -> Tensor:
         """Log-probability of each target token (B, T-1); 0 at padding."""
@@ -163,13 +163,13 @@ class CXRReportGenerator(nn.Module):
 
     # -- interface ------------------------------------------------------------------------------
     def log_likelihood_from_features(self, feats: Tensor, reports: list[str]) -> Tensor:
-        return self.token_logprobs(feats, self.batch_tokens(reports).to(feats.device)).sum(1)
+        return self.token_logprobs(feats, self.batch_tokens(reports, feats.device)).sum(1)
 
     def report_log_likelihood(self, images: Tensor, reports: list[str]) -> Tensor:
         return self.log_likelihood_from_features(self.encode(images), reports)
 
     def token_log_likelihoods(self, images: Tensor, reports: list[str]) -> Tensor:
-        return self.token_logprobs(self.encode(images), self.batch_tokens(reports).to(images.device))
+        return self.token_logprobs(self.encode(images), self.batch_tokens(reports, images.device))
 
     def loss(self, images: Tensor, tokens: Tensor, findings: Tensor | None = None) -> Tensor:
         """Mean token cross-entropy (teacher forcing), plus ``aux_weight`` x the binary
@@ -208,25 +208,27 @@ class CXRReportGenerator(nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------
     def state(self) -> dict:
+        """The checkpoint; weights on the CPU, so one written on a GPU loads anywhere."""
         return {"kind": "CXRReportGenerator", "config": asdict(self.cfg), "vocab": self.tokenizer.itos,
-                "weights": self.state_dict()}
+                "weights": {k: v.cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
-    def from_state(cls, state: dict) -> CXRReportGenerator:
+    def from_state(cls, state: dict, device: torch.device | str | None = None) -> CXRReportGenerator:
         cfg = dict(state["config"])
         cfg["channels"] = tuple(cfg["channels"])
         model = cls(Tokenizer(list(state["vocab"])[len(Tokenizer.SPECIAL) :]), GeneratorConfig(**cfg))
         model.load_state_dict(state["weights"])
-        return model.eval()
+        return model.to(device or "cpu").eval()
 
 
-def pad_tokens(ids: list[list[int]]) -> Tensor:
-    """Right-pad token id lists with ``Tokenizer.PAD`` into one (B, T) tensor."""
+def pad_tokens(ids: list[list[int]], device: torch.device | str | None = None) -> Tensor:
+    """Right-pad token id lists with ``Tokenizer.PAD`` into one (B, T) tensor on ``device``
+    (built on the CPU and copied once: one transfer, not one per report)."""
     T = max(len(i) for i in ids)
     out = torch.full((len(ids), T), Tokenizer.PAD, dtype=torch.long)
     for k, i in enumerate(ids):
         out[k, : len(i)] = torch.tensor(i)
-    return out
+    return out if device is None else out.to(device)
 
 
 def augment(images: Tensor, amount: float, generator: torch.Generator | None = None) -> Tensor:
@@ -234,11 +236,12 @@ def augment(images: Tensor, amount: float, generator: torch.Generator | None = N
     if amount <= 0:
         return images
     B, _, H, W = images.shape
-    a = torch.rand(B, 1, 1, 1, generator=generator) * amount
-    b = torch.rand(B, 1, 1, 1, generator=generator) * amount
-    coarse = torch.randn(B, 1, 5, 5, generator=generator)
+    dev = images.device  # ``generator`` must live there too (``torch.Generator(device=...)``)
+    a = torch.rand(B, 1, 1, 1, generator=generator, device=dev) * amount
+    b = torch.rand(B, 1, 1, 1, generator=generator, device=dev) * amount
+    coarse = torch.randn(B, 1, 5, 5, generator=generator, device=dev)
     field = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=True)
-    return images + a * torch.randn(images.shape, generator=generator) + b * field
+    return images + a * torch.randn(images.shape, generator=generator, device=dev) + b * field
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -31,9 +31,11 @@ class HFReportGenerator:
         self.max_new_tokens = max_new_tokens
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, max_new_tokens: int = 64) -> HFReportGenerator:
+    def from_pretrained(cls, folder: str | Path, max_new_tokens: int = 64,
+                        device: torch.device | str | None = None) -> HFReportGenerator:  # fmt: skip
         """Load a saved model folder (``config.json``, weights, tokenizer files, and optionally
-        ``preprocessor_config.json`` for the image size and normalisation)."""
+        ``preprocessor_config.json`` for the image size and normalisation) onto ``device`` (the
+        CPU by default); images passed to the adapter must be on the same device."""
         from transformers import AutoConfig, AutoTokenizer, VisionEncoderDecoderModel
 
         folder = Path(folder)
@@ -51,7 +53,7 @@ class HFReportGenerator:
         except (OSError, ValueError, KeyError) as e:
             raise UserError(folder, f"expected a loadable image-to-text model and tokenizer ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]})") from None  # fmt: skip
-        return cls(model, tokenizer, image_spec_of(folder, model), max_new_tokens)
+        return cls(model.to(device or "cpu"), tokenizer, image_spec_of(folder, model), max_new_tokens)
 
     # -- the interface ------------------------------------------------------------------------
     def pixel_values(self, images: Tensor) -> Tensor:

@@ -146,12 +146,13 @@ class Manipulator(nn.Module):
     def encode_reports(self, reports: list[str], base: list[str] | None = None) -> Tensor:
         """M's condition for edited reports t' (``reports``) of images whose current reports are
         ``base`` (required when ``condition_on_change``)."""
+        device = self.out.weight.device  # the condition lives where M does
         v = torch.tensor([report_vector(r) for r in reports], dtype=torch.float32)
         if not self.cfg.condition_on_change:
-            return v
+            return v.to(device)
         if base is None or len(base) != len(reports):
             raise ValueError("this manipulator is conditioned on the edit: pass the current reports t as base")
-        return torch.cat([v, v - torch.tensor([report_vector(r) for r in base], dtype=torch.float32)], 1)
+        return torch.cat([v, v - torch.tensor([report_vector(r) for r in base], dtype=torch.float32)], 1).to(device)
 
     def manipulate(
         self,
@@ -208,17 +209,18 @@ class Manipulator(nn.Module):
         return delta.detach()
 
     def state(self) -> dict:
-        return {"kind": "Manipulator", "config": asdict(self.cfg), "weights": self.state_dict(),
-                "loss_weights": dict(self.loss_weights)}
+        """The checkpoint; weights on the CPU, so one written on a GPU loads anywhere."""
+        return {"kind": "Manipulator", "config": asdict(self.cfg),
+                "weights": {k: v.cpu() for k, v in self.state_dict().items()}, "loss_weights": dict(self.loss_weights)}
 
     @classmethod
-    def from_state(cls, state: dict) -> Manipulator:
+    def from_state(cls, state: dict, device: torch.device | str | None = None) -> Manipulator:
         cfg = dict(state["config"])
         cfg["channels"] = tuple(cfg["channels"])
         m = cls(ManipulatorConfig(**cfg))
         m.load_state_dict(state["weights"])
         m.loss_weights = dict(state.get("loss_weights", {}))
-        return m.eval()
+        return m.to(device or "cpu").eval()
 
 
 def total_variation(delta: Tensor) -> Tensor:
@@ -248,13 +250,14 @@ def manipulator_losses(
     cycle = report_nll(gen, x_new, reports, w["margin"])  # (B,)  gradient flows through frozen G into x'
     l1 = delta.abs().flatten(1).mean(1)
     tv = total_variation(delta)
-    ident = identity.float()
+    ident = identity.to(delta.device).float()
     # common-mode penalty: |delta| weighted by the batch's mean |delta| (detached, normalised to
     # mean 1). Different images with different edits should change different places, so a
     # pattern every edit shares (an image-frame band, a global shift: changes that move G without
     # being about any finding) is what it taxes; an edit's own local change is barely touched.
     a = delta.abs().flatten(1)
-    u = a[~identity].mean(0).detach() if bool((~identity).any()) else a.mean(0).detach()
+    keep = ~identity.to(delta.device)
+    u = a[keep].mean(0).detach() if bool(keep.any()) else a.mean(0).detach()
     common = (a * (u / u.mean().clamp_min(1e-8))).mean(1)
     total = (
         w["cycle"] * cycle.mean()

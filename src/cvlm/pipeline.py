@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .errors import UserError, atomic_write, atomic_write_text
 from .evaluate import (
     CVLM_VARIANTS,
@@ -126,12 +127,12 @@ def save_model(model: CXRReportGenerator | Manipulator, path: Path) -> None:
     atomic_write(path, lambda p: torch.save(model.state(), p))
 
 
-def load_generator(path: Path) -> CXRReportGenerator:
-    return freeze(CXRReportGenerator.from_state(_load(path)))
+def load_generator(path: Path, device: torch.device | str | None = None) -> CXRReportGenerator:
+    return freeze(CXRReportGenerator.from_state(_load(path), device))
 
 
-def load_manipulator(path: Path) -> Manipulator:
-    return Manipulator.from_state(_load(path))
+def load_manipulator(path: Path, device: torch.device | str | None = None) -> Manipulator:
+    return Manipulator.from_state(_load(path), device)
 
 
 def _load(path: Path) -> dict:
@@ -163,8 +164,9 @@ def git_commit() -> str:
 # one seed
 
 
-def _train_all(out: Path, cfg: DemoConfig, progress: bool) -> tuple[dict, dict]:
-    """Train the five models of one seed (or load them when a previous run saved them)."""
+def _train_all(out: Path, cfg: DemoConfig, progress: bool, device: torch.device) -> tuple[dict, dict]:
+    """Train the five models of one seed on ``device``. Each model is built on the CPU and then
+    moved, so its initial weights are the same whatever the device."""
     tok = Tokenizer()
     gcfg = GeneratorConfig(**{**asdict(cfg.gen), "image_size": cfg.size})
     g2cfg = GeneratorConfig(**{**asdict(cfg.gen2), "image_size": cfg.size})
@@ -183,26 +185,26 @@ def _train_all(out: Path, cfg: DemoConfig, progress: bool) -> tuple[dict, dict]:
     man_kw = {"lr": cfg.man_lr, "identity_frac": cfg.identity_frac, "weights": cfg.man_weights or None,
               "progress": progress}  # fmt: skip
     models = {}
-    gen = CXRReportGenerator(tok, gcfg)
+    gen = CXRReportGenerator(tok, gcfg).to(device)
     hist["generator"] = train_generator(gen, train, cfg.gen_steps, cfg.batch_size, lr=cfg.gen_lr, seed=cfg.seed,
                                         max_seconds=left(0), progress=progress)  # fmt: skip
     models["generator"] = freeze(gen)
-    manip = Manipulator(cfg.man)
+    manip = Manipulator(cfg.man).to(device)
     m_train = train[: cfg.n_man_train]
     hist["manipulator"] = train_manipulator(manip, gen, m_train, cfg.man_steps, cfg.man_batch_size, seed=cfg.seed,
                                             base=generator_reports(gen, m_train), max_seconds=left(1), **man_kw)  # fmt: skip
     models["manipulator"] = manip
-    gen2 = CXRReportGenerator(tok, g2cfg)
+    gen2 = CXRReportGenerator(tok, g2cfg).to(device)
     hist["generator2"] = train_generator(gen2, train, cfg.gen_steps, cfg.batch_size, lr=cfg.gen_lr,
                                          seed=cfg.seed + 1000, desc="generator G2", max_seconds=left(2),
                                          progress=progress)  # fmt: skip
     models["generator2"] = freeze(gen2)
-    gen_s = CXRReportGenerator(tok, gcfg)
+    gen_s = CXRReportGenerator(tok, gcfg).to(device)
     hist["shortcut_generator"] = train_generator(gen_s, s_train, cfg.short_gen_steps, cfg.batch_size, lr=cfg.gen_lr,
                                                  seed=cfg.seed + 1, desc="shortcut generator", max_seconds=left(3),
                                                  progress=progress)  # fmt: skip
     models["shortcut_generator"] = freeze(gen_s)
-    manip_s = Manipulator(cfg.man)
+    manip_s = Manipulator(cfg.man).to(device)
     ms_train = s_train[: cfg.n_man_train]
     hist["shortcut_manipulator"] = train_manipulator(manip_s, gen_s, ms_train, cfg.short_man_steps, cfg.man_batch_size,
                                                      seed=cfg.seed + 1, base=generator_reports(gen_s, ms_train),
@@ -233,13 +235,16 @@ def tune_refinement(gen, manip, val, cfg: DemoConfig) -> tuple[dict, list[dict]]
     return {"tv": best["tv"], "init": best["init"]}, tried
 
 
-def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> dict:
-    """Train and evaluate one seed; writes ``out/cases.json`` (per-case rows), ``out/examples.pkl``
+def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print,
+             device: torch.device | str = "cpu") -> dict:  # fmt: skip
+    """Train and evaluate one seed on ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``
+    or a ``torch.device``); writes ``out/cases.json`` (per-case rows), ``out/examples.pkl``
     (images and maps for the page) and the checkpoints. Returns the cases dict."""
+    device = resolve_device(device)
     t_start, cpu_start = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
-    log(f"seed {cfg.seed}: training five models on {cfg.n_train} phantoms each ({cfg.size} px)")
-    models, hist = _train_all(out, cfg, progress)
+    log(f"seed {cfg.seed}: training five models on {cfg.n_train} phantoms each ({cfg.size} px, {device})")
+    models, hist = _train_all(out, cfg, progress, device)
     t_train = time.time() - t_start
     gen, manip, gen2 = models["generator"], models["manipulator"], models["generator2"]
     gen_s, manip_s = models["shortcut_generator"], models["shortcut_manipulator"]
@@ -256,7 +261,7 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
     save_model(manip, out / "manipulator.pt")  # with the chosen refinement, which `cvlm explain` then uses
     save_model(manip_s, out / "shortcut_manipulator.pt")
     log(f"evaluating on held-out phantoms (refinement: tv {chosen['tv']}, from {chosen['init']})")
-    x_test = images_tensor(test)
+    x_test = images_tensor(test, device)
     acc = {}
     for name, g in (("generator", gen), ("generator2", gen2)):
         rep = [label_report(r) for r in g.generate(x_test)]
@@ -279,7 +284,7 @@ def run_seed(out: Path, cfg: DemoConfig, progress: bool = True, log=print) -> di
     seconds = {"train": t_train, "total": time.time() - t_start, "process_cpu": time.process_time() - cpu_start}
     record = {"seed": cfg.seed, "commit": git_commit(), "edits": edit_rows, "localisation": loc, "shortcut": sc, "negative_control": neg,
               "generator_accuracy": acc, "tuning": {"chosen": chosen, "tried": tried}, "training": hist,
-              "seconds": seconds, "config": asdict(cfg)}  # fmt: skip
+              "seconds": seconds, "device": str(device), "config": asdict(cfg)}  # fmt: skip
     # a few cases for the page: one localisation case per finding and three shortcut cases
     first: dict[str, int] = {}
     for k, (_, n) in enumerate(cases):
@@ -345,11 +350,16 @@ def summarise(records: list[dict]) -> dict:
             "seconds": {str(r["seed"]): r["seconds"] for r in records}}  # fmt: skip
 
 
-def run_demo(out: Path, cfg: DemoConfig, seeds: list[int] | None = None, progress: bool = True, log=print) -> dict:
-    """Run (or resume) every seed under ``out/seed_N``, then write ``metrics.json``, ``results.md``
-    and ``report.html`` for the seeds together. Returns the metrics dict."""
+def run_demo(out: Path, cfg: DemoConfig, seeds: list[int] | None = None, progress: bool = True, log=print,
+             device: torch.device | str = "cpu") -> dict:  # fmt: skip
+    """Run (or resume) every seed under ``out/seed_N`` on ``device``, then write ``metrics.json``,
+    ``results.md`` and ``report.html`` for the seeds together. Returns the metrics dict.
+
+    The device is where the run happens, not what it is: it is not part of ``DemoConfig`` (a seed
+    run on the CPU may be resumed on a GPU), and each seed's ``cases.json`` records its own."""
     from .html_report import results_markdown, write_html
 
+    device = resolve_device(device)
     seeds = list(seeds) if seeds is not None else [cfg.seed]
     records = []
     t0 = time.time()
@@ -367,13 +377,14 @@ def run_demo(out: Path, cfg: DemoConfig, seeds: list[int] | None = None, progres
             log(f"seed {s}: already done, reusing {done}")
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            rec = run_seed(folder, dataclasses.replace(cfg, seed=s), progress=progress, log=log)
+            rec = run_seed(folder, dataclasses.replace(cfg, seed=s), progress=progress, log=log, device=device)
         records.append(rec)
     metrics = summarise(records)
     metrics["config"] = asdict(cfg)
     metrics["run"] = {"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "seconds_this_call": time.time() - t0}  # fmt: skip
+                      "threads": torch.get_num_threads(), "device": str(device),
+                      "seconds_this_call": time.time() - t0}  # fmt: skip
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     examples = pickle.loads((out / f"seed_{seeds[0]}" / "examples.pkl").read_bytes())
     write_html(out / "report.html", metrics, examples)

@@ -13,14 +13,17 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .devices import device_of
 from .generator import CXRReportGenerator, ReportGenerator, augment, cosine_lr, freeze, pad_tokens
 from .manipulator import Manipulator, manipulator_losses
 from .phantoms import Phantom
 from .report_text import edit_text, label_report, random_edit, report_vector, write_report
 
 
-def images_tensor(phantoms: Sequence[Phantom]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
+def images_tensor(phantoms: Sequence[Phantom], device: torch.device | str | None = None) -> torch.Tensor:
+    """The phantoms' images as one (N, 1, S, S) batch on ``device`` (the CPU by default)."""
+    x = torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
+    return x if device is None else x.to(device)
 
 
 def _schedule(step: int, steps: int, t0: float, max_seconds: float | None) -> int | None:
@@ -60,22 +63,25 @@ def train_generator(
     max_seconds: float | None = None,
 ) -> dict:
     """Teacher-forced cross-entropy on canonical reports of the phantoms' true findings (plus the
-    generator's auxiliary finding loss); at most ``steps`` steps and ``max_seconds`` seconds."""
+    generator's auxiliary finding loss); at most ``steps`` steps and ``max_seconds`` seconds.
+    The data go once to the generator's device and batches are drawn there (the random stream is
+    the device's own, so a CUDA run draws other batches than a CPU run of the same seed)."""
     torch.manual_seed(seed)
-    x = images_tensor(phantoms)
+    device = device_of(gen)
+    x = images_tensor(phantoms, device)
     texts = [write_report(p.findings) for p in phantoms]
-    tokens = pad_tokens([gen.tokenizer.encode(t) for t in texts])
-    labels = torch.tensor([report_vector(t) for t in texts], dtype=torch.float32)
+    tokens = pad_tokens([gen.tokenizer.encode(t) for t in texts], device)
+    labels = torch.tensor([report_vector(t) for t in texts], dtype=torch.float32).to(device)
     opt = torch.optim.AdamW(gen.parameters(), lr=lr, weight_decay=0.01)
     gen.train()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     losses: list[float] = []
     t0, c0 = time.time(), time.process_time()
     done = 0
     with _progress(progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
         while (at := _schedule(done, steps, c0, max_seconds)) is not None:
-            idx = torch.randint(len(phantoms), (batch_size,), generator=g)
+            idx = torch.randint(len(phantoms), (batch_size,), generator=g, device=device)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(at, steps, lr)
             loss = gen.loss(augment(x[idx], gen.cfg.aug_noise, g), tokens[idx], labels[idx])
@@ -119,7 +125,8 @@ def train_manipulator(
     manip.loss_weights = dict(weights or {})
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    x_all = images_tensor(phantoms)
+    device = device_of(manip)
+    x_all = images_tensor(phantoms, device)
     opt = torch.optim.AdamW(manip.parameters(), lr=lr, weight_decay=0.0)
     manip.train()
     hist: dict[str, list[float]] = {}
@@ -141,7 +148,8 @@ def train_manipulator(
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(at, steps, lr)
             cond = manip.encode_reports(reports, base_reports)
-            losses = manipulator_losses(manip, gen, x_all[torch.from_numpy(idx)], reports, cond, torch.tensor(ident), weights)
+            batch = x_all[torch.from_numpy(idx).to(device)]
+            losses = manipulator_losses(manip, gen, batch, reports, cond, torch.tensor(ident, device=device), weights)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(manip.parameters(), 1.0)
@@ -158,4 +166,4 @@ def train_manipulator(
 
 def generator_reports(gen: ReportGenerator, phantoms: Sequence[Phantom]) -> list[str]:
     """The reports G writes for ``phantoms`` (what the manipulator's edits start from)."""
-    return gen.generate(images_tensor(phantoms))
+    return gen.generate(images_tensor(phantoms, device_of(gen)))

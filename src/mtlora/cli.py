@@ -273,6 +273,11 @@ def bench_cli(
     report: Annotated[bool, typer.Option(help="run nothing: rewrite the outputs from the finished cells")] = False,
     only: Annotated[list[str] | None, typer.Option(help="run only these methods (repeatable)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars (in-process cells)")] = True,
+    protocol: Annotated[str | None, typer.Option(
+        help="evaluate every finished cell again under this protocol (generate_extract: the papers' scripts) "
+             "and add it to the table; trains nothing")] = None,
+    max_per_task: Annotated[int | None, typer.Option(help="with --protocol: eval examples per task")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="with --protocol: generation budget")] = 16,
 ) -> None:
     """Run a grid of methods x seeds: results.json, table.md (paired intervals), chart.png (resumable; exit 1 if a
     cell failed)."""
@@ -282,9 +287,12 @@ def bench_cli(
 
     _quiet_libraries()
     command = shlex.join(["mtlora", "bench", str(config), *(overrides or []),
-                          *(a for m in only or [] for a in ("--only", m)), *(["--report"] if report else [])])
+                          *(a for m in only or [] for a in ("--only", m)), *(["--report"] if report else []),
+                          *([f"--protocol={protocol}"] if protocol else []),
+                          *([f"--max-per-task={max_per_task}"] if protocol and max_per_task is not None else []),
+                          *([f"--max-new-tokens={max_new_tokens}"] if protocol else [])])
     code = bench_command(config, overrides or [], budgets_only=budgets, report_only=report, only=only,
-                         progress=progress,
+                         progress=progress, protocol=protocol, max_per_task=max_per_task, max_new_tokens=max_new_tokens,
                          echo=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
                          command=command)
     if code:

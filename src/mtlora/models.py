@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+# the one device resolver, shared with cvlm (which must not import mtlora; the reverse is fine)
+from cvlm.devices import DEVICES  # noqa: F401 (re-exported)
+from cvlm.devices import resolve_device as _resolve_device
 
 # the adapters layer owns these (it must not import this module); re-exported for callers
 from mtlora.adapters.families import MODULE_NAMES, ROLES, TESTED_FAMILIES, map_target_modules  # noqa: F401
@@ -140,38 +143,14 @@ def load_model(
 
 # ----------------------------------------------------------------------------------- device, precision
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device this
-    machine lacks is a ``UserError`` (one line, exit 2), never a fallback to another device."""
-    if isinstance(name, torch.device):
-        return name
-    key = str(name).strip().lower()
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = mps is not None and mps.is_available()
-    if key == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if has_mps else "cpu")
-    if key == "cpu":
-        return torch.device("cpu")
-    if key == "mps":
-        if not has_mps:
-            raise UserError("device", "mps requested but this machine has no MPS device (Apple GPU)")
-        return torch.device("mps")
-    match = re.fullmatch(r"cuda(?::(\d+))?", key)
-    if match is None:
-        raise UserError("device", f"expected one of {list(DEVICES)}, got {name!r}")
-    if not torch.cuda.is_available():
-        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
-        raise UserError("device", f"{key} requested but this machine has no CUDA device ({build}); use device=cpu or auto")
-    index = int(match.group(1) or 0)
-    if index >= torch.cuda.device_count():
-        raise UserError("device", f"{key} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device(key if match.group(1) else "cuda")
+    machine lacks is a ``UserError`` (one line, exit 2), never a fallback to another device. The
+    one resolver is ``cvlm.devices.resolve_device`` (``cvlm`` may not import ``mtlora``)."""
+    return _resolve_device(name)
 
 
 def resolve_precision(name: str) -> torch.dtype:

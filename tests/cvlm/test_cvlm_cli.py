@@ -1,14 +1,19 @@
 """CLI end to end on tiny sizes: quick demo, explain on its checkpoints, user errors, real-data loader."""
 
 import json
+import os
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from cvlm.cli import main
 from cvlm.data import load_studies
 from cvlm.errors import UserError
+
+# the device the quick demo and explain run on (the device check: cuda); see test_cvlm_devices
+DEVICE = os.environ.get("MTLORA_TEST_DEVICE", "cpu")
 
 
 def run(argv, capsys):
@@ -30,7 +35,7 @@ def demo_dir(tmp_path_factory):
     """One quick two-seed demo for every test here that needs saved checkpoints."""
     out = tmp_path_factory.mktemp("demo")
     old = sys.argv
-    sys.argv = ["cvlm", "demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "0,1"]
+    sys.argv = ["cvlm", "demo", "--quick", "--out", str(out), "--no-progress", "--seeds", "0,1", "--device", DEVICE]
     try:
         main()
     except SystemExit as e:
@@ -42,7 +47,7 @@ def demo_dir(tmp_path_factory):
 
 def test_quick_demo_writes_everything(demo_dir):
     m = json.loads((demo_dir / "metrics.json").read_text())
-    assert m["seeds"] == [0, 1]
+    assert m["seeds"] == [0, 1] and m["run"]["device"].split(":")[0] == DEVICE.split(":")[0]
     assert set(m["targets"]) == {"cycle_success", "collateral_change", "transfer_success",
                                  "pointing_margin_over_best_baseline", "shortcut_margin_over_best_baseline",
                                  "negative_control_on_marker"}
@@ -88,7 +93,7 @@ def test_phantom_data_check_and_explain(demo_dir, tmp_path, capsys):
     # the tiny generator's report decides which edits apply ("add" needs the finding absent)
     for edit in ("add large left upper nodule", "remove nodule"):
         code, out, err = run(["explain", str(ph / "phantom_000.png"), "--edit", edit, "--model", str(demo_dir),
-                              "--out", str(ex), "--overwrite"], capsys)  # fmt: skip
+                              "--out", str(ex), "--overwrite", "--device", DEVICE], capsys)  # fmt: skip
         if code == 0:
             break
         assert code == 2 and err.startswith("error: --edit: cannot")
@@ -96,6 +101,7 @@ def test_phantom_data_check_and_explain(demo_dir, tmp_path, capsys):
     res = json.loads((ex / "explanation.json").read_text())
     assert (ex / "cvlm_map.png").is_file() and res["edited_report"] != res["report"]
     assert res["refine_init"] in ("manipulator", "zero") and res["refine_steps"] > 0  # as saved
+    assert res["device"].split(":")[0] == DEVICE.split(":")[0]
     x_new = np.load(ex / "manipulated.npy")
     assert x_new.shape == (32, 32) and x_new.dtype == np.float32
     assert res["cycle_success_saved_png"] in (True, False) and isinstance(res["report_of_saved_png"], str)
@@ -120,6 +126,21 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     bad.rename(tmp_path / "m" / "generator.pt")
     code, _, err = run(["explain", "a.png", "--edit", "remove effusion", "--model", str(tmp_path / "m")], capsys)
     assert code == 2 and "expected a cvlm checkpoint" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, _, err = run(["demo", "--quick", "--out", str(out), "--device", "cuda", "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: --device: cuda requested but this machine has no CUDA device")
+    assert not out.exists()  # refused before the output folder is made
+    # explain checks the device before it reads the image or the checkpoints (neither exists here)
+    code, _, err = run(["explain", str(tmp_path / "nope.png"), "--edit", "remove effusion", "--model",
+                        str(tmp_path), "--device", "cuda:1"], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --device: cuda:1 requested")
+    code, _, err = run(["demo", "--quick", "--out", str(out), "--device", "tpu"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device: expected one of ['auto', 'cpu', 'cuda'" in err
 
 
 def test_real_data_loader_errors(tmp_path):

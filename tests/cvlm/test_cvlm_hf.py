@@ -98,12 +98,14 @@ def test_explain_cli_with_a_hf_generator_folder(hf_folder, tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)).save(img)
     out = tmp_path / "ex"
-    from test_cvlm_cli import run  # the suite's one way to run the cvlm CLI in-process
+    from test_cvlm_cli import DEVICE, run  # the suite's one way to run the cvlm CLI in-process
 
     code, _, err = run(["explain", str(img), "--edit", "add small right effusion", "--generator", str(hf_folder),
-                        "--model", str(tmp_path / "no-manipulator"), "--refine-steps", "5", "--out", str(out)], capsys)
+                        "--model", str(tmp_path / "no-manipulator"), "--refine-steps", "5", "--out", str(out),
+                        "--device", DEVICE], capsys)  # fmt: skip
     assert code == 0, err
     res = json.loads((out / "explanation.json").read_text())
+    assert res["device"].split(":")[0] == DEVICE.split(":")[0]  # the HF model and the new M ran there
     assert res["generator"] == str(hf_folder) and res["refine_init"] == "zero"  # no M for this generator
     assert "effusion" in res["edited_report"].lower()
     x_new = np.load(out / "manipulated.npy")

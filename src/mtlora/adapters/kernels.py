@@ -1,29 +1,28 @@
-"""C kernels for a plain LoRA layer's adapter side on CPU: one call for the forward, one for the
-backward, each one pass over the layer's rows (the frozen GEMM stays with BLAS).
+"""C kernels for a plain LoRA layer's adapter side on CPU, registered as torch custom ops
+(``mtlora::lora_linear`` and its backward), so autograd, ``torch.compile`` and export see one op
+with known output shapes (``register_fake``) instead of an opaque call.
 
-Why: with dropout, every adapted layer draws a ``tokens x d_in`` Bernoulli mask, multiplies it
-into its input once in the forward and again in the backward (``A (x * m)`` and its gradients),
-and adds the masked share ``(gz A) * m`` to the input gradient: four full-width passes and a mask
-held until backward (1 byte per input element, ~150 MB per SmolLM2 step of 8 x 128 tokens). These
-were the largest item between our LoRA step and the frozen base's (``docs/performance.md``); the
-thin products around them (``z B.T``, ``g B``, ``g.T z``) each cost another pass over a full-width
-activation. ``lora_forward`` hashes the mask from ``(seed, element index)`` (a counter-based hash;
-nothing without dropout), forms ``z = A (x * m)`` and writes ``bias + s z B.T``, two rows at a time
-while they are in L1, and keeps the mask packed at 1 bit per element (~19 MB per SmolLM2 step);
-``lora_backward`` forms ``gz``, ``grad_B``, ``grad_A`` and the masked share of ``grad_x`` in one
-pass over ``g``, ``x`` and ``grad_x``. The frozen layer's GEMM then accumulates into the kernels'
-output (beta = 1), which was faster than adding into the GEMM's freshly written output.
+Why: with dropout, every adapted layer multiplies a ``tokens x d_in`` Bernoulli mask into its
+input in the forward and again in the backward (``A (x * m)`` and its gradients) and adds the
+masked share ``(gz A) * m`` to the input gradient: four full-width passes and a mask held until
+backward. ``lora_forward`` hashes the mask from ``(seed, element index)`` (``dropout.py``; nothing
+without dropout), forms ``z = A (x * m)`` and writes ``bias + s z B.T`` two rows at a time while
+they are in L1, and keeps the mask packed at 1 bit per element; ``lora_backward`` forms ``gz``,
+``grad_B``, ``grad_A`` and the masked share of ``grad_x`` in one pass over ``g``, ``x`` and
+``grad_x``. The frozen layer's GEMM (BLAS) then accumulates into the kernels' output (beta = 1).
+What this buys on a training step is measured in docs/performance.md (``benchmarks/train_step.py``,
+a row per backend); the op's autograd formula is in ``backends.py``.
 
-The mask is the same function of the seed everywhere: ``keep_mask`` (the C kernel or its numpy
-twin, bit-identical and tested to be) gives the mask the C kernel applies, so the plain formula,
-the two-node layer, float64 gradchecks and machines without a C compiler all see the same bits.
+``keep_mask`` (the C kernel or its numpy twin, bit-identical and tested to be) gives the mask the
+C kernel applies, so every route, float64 gradchecks and machines without a C compiler all see the
+same bits.
 
-Built at first use with the system C compiler (``cc -O3 -march=native -fopenmp``, ~1 s) into
+Built once, at first use, with the system C compiler (``cc -O3 -march=native -fopenmp``) into
 ``$MTLORA_CACHE/kernels/`` (atomic rename; keyed by source, flags and CPU), then loaded with
 ctypes, which releases the GIL during the call. Its OpenMP regions bind to the ``libgomp.so.1``
 torch has already loaded (same soname), so they use torch's threads and follow
-``torch.set_num_threads``. Without a compiler, or with ``MTLORA_KERNELS=0``, the layer falls back
-to torch ops over ``keep_mask`` (same masks, slower).
+``torch.set_num_threads``. Without a compiler (or where the build fails) one line on stderr says
+so and the layers use the torch route; ``MTLORA_KERNELS=0`` turns the kernels off silently.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -58,13 +58,31 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+_failure: list[str] = []  # why the last build attempt gave no library (for error messages)
+
+
+def build_failure() -> str | None:
+    """Why ``library()`` is None, or None when it is not (or was not tried)."""
+    return _failure[-1] if _failure else None
+
+
+def _unavailable(reason: str) -> None:
+    _failure[:] = [reason]
+    print(f"mtlora: note: the C LoRA kernels are unavailable ({reason}); LoRA layers use the torch "
+          "route (the same numbers, slower on a CPU)", file=sys.stderr)
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (MTLORA_KERNELS=0, no compiler, or the build failed)."""
+    """The compiled kernels, or None (MTLORA_KERNELS=0, no compiler, or the build failed: one line
+    on stderr says which, once per process)."""
+    _failure.clear()
     if os.environ.get("MTLORA_KERNELS", "1") == "0" or not _SOURCE.exists():
+        _failure.append("MTLORA_KERNELS=0")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
+        _unavailable("no C compiler: cc, gcc or $CC")
         return None
     from mtlora.paths import cache_dir
 
@@ -78,12 +96,16 @@ def library() -> ctypes.CDLL | None:
         try:
             subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)  # atomic: a concurrent or interrupted build never leaves half a file
-        except (OSError, subprocess.SubprocessError):
+        except (OSError, subprocess.SubprocessError) as exc:
             Path(tmp).unlink(missing_ok=True)
+            detail = getattr(exc, "stderr", None) or b""
+            first = detail.decode(errors="replace").strip().splitlines()[:1] if detail else []
+            _unavailable(f"{Path(compiler).name} failed" + (f": {first[0][:120]}" if first else f": {exc}"))
             return None
     try:
         lib = ctypes.CDLL(str(target))
-    except OSError:
+    except OSError as exc:
+        _unavailable(f"cannot load {target.name}: {exc}")
         return None
     lib.keep_mask.argtypes = [_PTR, _I64, _U32, _U32, _U32]
     lib.keep_bits_row.argtypes = [_PTR, _I64, ctypes.c_uint64, _U32, _U32, _U32]
@@ -213,3 +235,42 @@ def lora_backward(
     if rc != 0:
         raise MemoryError("lora_backward: could not allocate scratch memory")
     return grad_a, grad_b
+
+
+# --- the custom ops: what autograd, torch.compile and export see ---------------------------------
+
+
+@torch.library.custom_op("mtlora::lora_linear", mutates_args=())
+def lora_linear(
+    x2: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+    scale: float, rescale: float, seed: int, drop16: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A whole plain LoRA layer on 2-D float32 CPU rows: ``(x2 W0.T + bias + scale z B.T, z, bits)``
+    with ``z = rescale * (x2 * m) A.T`` and ``m`` hashed from ``seed`` (``lora_forward``)."""  # fmt: skip
+    out, z, bits = lora_forward(x2, a, b, bias, seed, drop16, rescale, scale)
+    out.addmm_(x2, w0.mT)  # the frozen GEMM accumulates into the adapter's share (beta = 1)
+    return out, z, bits
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(x2, w0, bias, a, b, scale, rescale, seed, drop16):
+    rows = x2.shape[0]
+    return (x2.new_empty(rows, w0.shape[0]), x2.new_empty(rows, a.shape[0]),
+            x2.new_empty(rows, (x2.shape[1] + 31) // 32, dtype=torch.int32))  # fmt: skip
+
+
+@torch.library.custom_op("mtlora::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    g2: torch.Tensor, g_phi: torch.Tensor | None, x2: torch.Tensor, w0: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, scale: float, rescale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_A, grad_B)`` of ``lora_linear`` (first order; ``lora_backward`` + ``g2 W0``)."""  # fmt: skip
+    grad_x = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    grad_a, grad_b = lora_backward(g2, b, z, g_phi, x2, a, bits, grad_x, scale * rescale, scale, rescale)
+    grad_x.addmm_(g2, w0)
+    return grad_x, grad_a, grad_b
+
+
+@lora_linear_backward.register_fake
+def _lora_linear_backward_fake(g2, g_phi, x2, w0, a, b, z, bits, scale, rescale):
+    return torch.empty_like(x2), torch.empty_like(a), torch.empty_like(b)

@@ -18,6 +18,7 @@ from mtlora.bench.budgets import training_data_seen
 from mtlora.bench.config import DEFAULT_PAPERS, ROLES, BenchConfig, atomic_write
 from mtlora.bench.statistics import (
     _by_role,
+    _mean_std,
     aggregate,
     check_orderings,
     load_papers,
@@ -105,6 +106,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                  "attempt's only." if any(e.get("resumed") for e in methods.values()) else "")]
     lines += training_data_section(methods)
     lines += orderings_section(agg)
+    for name, protocol_agg in (results.get("protocols") or {}).items():
+        lines += protocol_section(name, protocol_agg, agg)
     lines += references_section(results, _by_role(methods))
     if agg["failed"] or agg["missing"]:
         lines += ["", "## Cells without a result", ""]
@@ -158,9 +161,10 @@ def _interval(o: dict[str, Any]) -> str:
     return "unavailable" if p is None else f"{p['diff']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
 
 
-def orderings_section(agg: dict[str, Any]) -> list[str]:
+def orderings_section(agg: dict[str, Any], title: str = "The papers' orderings, checked with paired intervals",
+                      ) -> list[str]:
     """The papers' claims: paired difference and 95 % interval, the verdict, the unpaired reading."""
-    lines = ["", "## The papers' orderings, checked with paired intervals", "",
+    lines = ["", f"## {title}", "",
              "| claim | ours: left | ours: right | diff (pp) | paired diff [95 % CI] (pp) | verdict | "
              "seed spread (pp) | eval SE (pp) | unpaired reading (seed spread) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -271,6 +275,37 @@ def plot_macro(results: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def second_protocols(bench) -> list[str]:
+    """The protocols some finished cell was also evaluated under (``eval_<protocol>.json``)."""
+    found = {f.stem.removeprefix("eval_") for f in bench.output_dir.glob("cells/*/seed*/eval_*.json")}
+    return sorted(found)
+
+
+def protocol_section(name: str, agg: dict[str, Any], main: dict[str, Any]) -> list[str]:
+    """The macro accuracy of every method under a second protocol, beside the grid's own, and the
+    papers' orderings under it (paired over the same examples and seeds)."""
+    lines = ["", f"## The papers' protocol: {name} (a second evaluation of the same trained cells)", ""]
+    some = next((r for e in agg["methods"].values() for r in e.get("cells", [])), None)
+    n = "" if some is None else " (n=" + ", ".join(f"{t} {v.get('n')}" for t, v in some["eval"]["per_task"].items()) + ")"
+    lines += [f"Instruction prompts with an 'Answer format:' line, greedy generation, answer extraction, "
+              f"transcribed from the authors' scripts (`mtlora/eval_protocols.py`){n}.", ""]
+    head = ["method", "seeds", f"macro, {name}", "95 % CI", "macro, log-likelihood (same seeds, all eval examples)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, entry in agg["methods"].items():
+        other = main["methods"].get(key, {})
+        if "macro" not in entry:
+            lines.append(f"| {entry['label']} | 0/{len(entry['seeds_planned'])} | - | - | - |")
+            continue
+        ci = entry["macro"].get("ci95")
+        ll = [v for r, v in zip(other.get("cells", []), other.get("macro", {}).get("values", []), strict=False)
+              if r["seed"] in entry["seeds_done"]]
+        lines.append(f"| {entry['label']} | {len(entry['seeds_done'])}/{len(entry['seeds_planned'])} | "
+                     f"**{_pm(entry['macro']['mean'], entry['macro']['std'])}** | "
+                     + ("-" if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]") + " | "
+                     + (_pm(*_mean_std(ll)) if ll else "-") + " |")
+    return lines + orderings_section(agg, title=f"Orderings under {name}")
+
+
 def write_outputs(
     bench: BenchConfig, cells, budgets, meta, chart: bool = True
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -285,6 +320,7 @@ def write_outputs(
                     for m in bench.methods.values()},
         "budgets": list(budgets.values()),
         "aggregate": aggregate(bench, cells, budgets, papers),
+        "protocols": {p: aggregate(bench, cells, budgets, papers, protocol=p) for p in second_protocols(bench)},
         "paper_reference": papers.reference_table(),
         "paper_sources": papers.sources(),
     }

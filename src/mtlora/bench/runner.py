@@ -154,6 +154,77 @@ def run_cell(cell: Path, progress: bool = False) -> dict[str, Any]:
     return result
 
 
+PROTOCOL_RESULT = "eval_{protocol}.json"
+"""A finished cell's evaluation under a second protocol (``mtlora bench CONFIG --protocol P``)."""
+
+
+def evaluate_cell_protocol(cell: Path, protocol: str, max_per_task: int | None, max_new_tokens: int,
+                           progress: bool = False) -> dict[str, Any]:
+    """Evaluate a finished cell's trained adapter (or the base, for an eval-only cell) again under
+    ``protocol`` on the first ``max_per_task`` eval examples of each task, and write
+    ``eval_<protocol>.json`` beside ``cell.json`` (same keys: ``eval``, ``examples``)."""
+    from mtlora.adapters import set_adapters_enabled
+    from mtlora.adapters.io import load_adapter_weights
+    from mtlora.data.tasks import load_tasks
+    from mtlora.evaluate import evaluate
+    from mtlora.train import prepare_run
+
+    cell = Path(cell)
+    spec = json.loads((cell / CELL_SPEC).read_text())
+    config = load_config(cell / CELL_CONFIG)
+    start = time.perf_counter()
+    run = prepare_run(config)  # the cell's model with freshly injected adapters of the cell's type
+    if spec["eval_only"]:
+        set_adapters_enabled(run.model, False)
+    else:
+        from mtlora.train import ADAPTER_DIR
+
+        load_adapter_weights(run.model, Path(config.output_dir) / ADAPTER_DIR)  # the adapter train() saved last
+    examples = load_tasks(config.tasks, "eval", max_per_task)
+    report = evaluate(run.model, run.tokenizer, examples, batch_size=config.eval.batch_size,
+                      max_new_tokens=max_new_tokens, progress=progress, task_names=run.task_names,
+                      protocol=protocol).to_dict()
+    result = {
+        **{k: spec[k] for k in ("method", "seed", "config_hash")},
+        "protocol": protocol, "max_per_task": max_per_task, "max_new_tokens": max_new_tokens,
+        "eval": _strip_eval(report), "wall_seconds": time.perf_counter() - start,
+        "examples": per_example_correctness(report.get("predictions") or [], examples),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write(cell / PROTOCOL_RESULT.format(protocol=protocol), json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def run_protocol(bench: BenchConfig, protocol: str, *, max_per_task: int | None, max_new_tokens: int,
+                 echo: Callable[[str], None] = print, only: Sequence[str] | None = None) -> list[str]:
+    """``evaluate_cell_protocol`` for every finished cell that lacks it (resumable: done cells are
+    skipped); returns the cells that failed. Seed-major, like the grid."""
+    failed = []
+    cells = prepare_cells(bench)
+    for index, (method, seed, _config) in enumerate(cells, 1):
+        cell, name = bench.cell_dir(method, seed), f"{method.name}/seed{seed}"
+        spec_hash = json.loads((cell / CELL_SPEC).read_text())["config_hash"]
+        target = cell / PROTOCOL_RESULT.format(protocol=protocol)
+        if (only and method.name not in only) or not finished(cell, spec_hash):
+            continue
+        if target.is_file():
+            done = json.loads(target.read_text())
+            if (done.get("config_hash"), done.get("max_per_task"), done.get("max_new_tokens")) == (
+                    spec_hash, max_per_task, max_new_tokens):
+                continue
+        echo(f"[{index}/{len(cells)}] {name}: evaluating under {protocol}")
+        try:
+            result = evaluate_cell_protocol(cell, protocol, max_per_task, max_new_tokens)
+        except Exception:  # noqa: BLE001  one broken cell must not lose the others
+            _record_error(cell, traceback.format_exc())
+            echo(f"[{index}/{len(cells)}] {name}: FAILED under {protocol} (see {cell / CELL_ERROR})")
+            failed.append(name)
+            continue
+        echo(f"[{index}/{len(cells)}] {name}: {protocol} macro {100 * result['eval']['macro']['primary']:.1f} "
+             f"in {result['wall_seconds']:.0f} s")
+    return failed
+
+
 def _record_error(cell: Path, text: str) -> None:
     atomic_write(cell / CELL_ERROR, text if text.endswith("\n") else text + "\n")
 
@@ -321,8 +392,14 @@ def bench_command(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     command: str | None = None,
+    protocol: str | None = None,
+    max_per_task: int | None = None,
+    max_new_tokens: int = 16,
 ) -> int:
     """The ``mtlora bench`` command; returns the exit code (1 if any cell failed).
+
+    ``protocol``: evaluate the finished cells again under it (``run_protocol``), then rewrite the
+    outputs; nothing trains.
 
     ``config`` may also be a grid's ``results.json`` with ``report_only``: the outputs beside it are
     rewritten from that file alone (for grids whose cell folders are gone).
@@ -340,6 +417,20 @@ def bench_command(
             count = "?" if row["trainable_parameters"] is None else f"{row['trainable_parameters']:,d}"
             echo(f"{row['method']:<16} {row['adapter']:<40} {count:>12}{rank}")
         return 0
+    if protocol is not None:
+        if protocol not in ("generate_extract", "loglik") or budgets_only or report_only:
+            raise UserError("--protocol", f"expected generate_extract or loglik (and neither --report nor --budgets), "
+                            f"got {protocol!r}")
+        if max_per_task is not None and max_per_task < 1 or max_new_tokens < 1:
+            raise UserError("--protocol", "expected --max-per-task >= 1 and --max-new-tokens >= 1")
+        failed = run_protocol(bench, protocol, max_per_task=max_per_task, max_new_tokens=max_new_tokens,
+                              echo=echo, only=only)
+        outcome = run_bench(bench, command=command, progress=progress, echo=echo, only=only, execute=False)
+        for key, value in outcome.paths.items():
+            echo(f"{key}: {value}")
+        if failed:
+            echo("failed cells (see error.txt in each): " + ", ".join(failed))
+        return 1 if failed else 0
     outcome = run_bench(bench, command=command, progress=progress, echo=echo, only=only, execute=not report_only)
     echo(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, failed {len(outcome.failed)}")
     for key, value in outcome.paths.items():

@@ -130,7 +130,8 @@ def per_example_correctness(predictions: Sequence[dict[str, Any]], examples: Seq
     averages. ``None`` if the predictions do not line up with the examples (then nothing is paired).
     """
     if len(predictions) != len(examples) or any(
-            p.get("task") != ex.task or ("gold" in p and ex.choices is not None and p["gold"] != ex.gold)
+            p.get("task") != ex.task
+            or ("gold" in p and ex.choices is not None and p.get("kind") != "generation" and p["gold"] != ex.gold)
             for p, ex in zip(predictions, examples, strict=True)):
         return None
     out: dict[str, dict[str, Any]] = {}
@@ -440,9 +441,14 @@ def minimum_detectable_difference(orderings: list[dict[str, Any]]) -> float | No
     return Z_POWER * median
 
 
-def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]], papers: Papers | None = None) -> dict[str, Any]:
+def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]], papers: Papers | None = None,
+              protocol: str | None = None) -> dict[str, Any]:
     """Per method: mean/std over seeds (accuracy in points), parameters, time, memory, per-example
-    bits for the paired statistics; plus failures and the papers' orderings."""
+    bits for the paired statistics; plus failures and the papers' orderings.
+
+    ``protocol``: the same from each cell's second evaluation under that protocol
+    (``eval_<protocol>.json``, ``mtlora bench --protocol``) instead of its own; a cell without one
+    counts as missing."""
     methods: dict[str, Any] = {}
     failed, missing = [], []
     eval_ids: dict[str, list[str]] = {}
@@ -454,8 +460,11 @@ def aggregate(bench: BenchConfig, cells, budgets: dict[str, dict[str, Any]], pap
             config = c
             cell = bench.cell_dir(m, seed)
             spec_hash = json.loads((cell / CELL_SPEC).read_text())["config_hash"]
-            if finished(cell, spec_hash):
+            extra = cell / f"eval_{protocol}.json" if protocol else None
+            if finished(cell, spec_hash) and (extra is None or extra.is_file()):
                 row = json.loads((cell / CELL_RESULT).read_text())
+                if extra is not None:  # the same cell, scored under the other protocol
+                    row.update({k: v for k, v in json.loads(extra.read_text()).items() if k in ("eval", "examples")})
                 if row.get("isolated") is None:  # cells written before the flag: only subprocesses keep a log
                     row["isolated"] = (cell / CELL_LOG).is_file()
                 if "training_data" not in row:  # cells written before it was recorded: replay it now

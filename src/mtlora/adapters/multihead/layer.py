@@ -70,8 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtlora.adapters.backends import add_low_rank, project_kept
 from mtlora.adapters.context import current_context
-from mtlora.adapters.lora import LoraConfig, LoraLinear, add_low_rank, project_kept
+from mtlora.adapters.lora import LoraConfig, LoraLinear
 from mtlora.errors import UserError
 
 METHODS = ("hydralora", "rlora", "mlora")
@@ -339,6 +340,8 @@ class MultiHeadLoraLinear(LoraLinear):
 
     # --- forward --------------------------------------------------------------------------------
     def adapter_delta(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The multi-head update (plain ops), or ``base`` plus it on the fast ops when ``base`` is given.
+        No fused route: the update mixes N heads per token (``fused_route`` is False)."""
         ctx = current_context()
         if ctx.stacked is not None and self.name in ctx.stacked:
             raise UserError(
@@ -360,7 +363,10 @@ class MultiHeadLoraLinear(LoraLinear):
         else:
             # input: one mask on x. per_head: A sees x, masks come per head below.
             keep, rescale = (None, 1.0) if self.dropout_mode != "input" else self.lora_dropout.keep_mask(x)
-            phi = project_kept(x, keep, self.lora_A.weight)  # (..., r), computed once
+            if base is None:  # the reference: plain ops
+                phi = F.linear(x if keep is None else x * keep, self.lora_A.weight)  # (..., r), computed once
+            else:  # the fast route: the same product, keeping the 1-byte mask instead of x * keep
+                phi = project_kept(x, keep, self.lora_A.weight)
             if rescale != 1.0:
                 phi = phi * rescale
         if ctx.capture is not None:
