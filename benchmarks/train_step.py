@@ -23,9 +23,11 @@ answer-only loss (the LM head applied only at supervised positions):
              ``fused_over_two_node`` is what the fusion buys
 - reference: ``backend: reference``, ``base(x) + s * B(A(drop(x)))`` in plain ops
 - peft:      peft.get_peft_model + the stock HF forward with ``labels`` (logits at every position)
-- peft_compiled: the same PEFT model under ``torch.compile`` (inductor): what compiling a textbook
-             LoRA gives (our layers graph-break at their context read, a ContextVar dynamo cannot
-             trace, so compiling ours would measure the breaks)
+- peft_our_loss: PEFT's LoRA layers (the textbook ``base(x) + s * B(A(dropout(x)))``, eager) with
+             our loss path: the layer alone, compared with ours
+- peft_compiled: the same, its decoder under ``torch.compile`` (inductor): what compiling a
+             textbook LoRA layer gives on this device (our own layers graph-break at their context
+             read, a ContextVar dynamo cannot trace, so compiling ours would measure the breaks)
 - floor:     the frozen base, no adapter, forward + backward over the same tokens and the same loss
              positions (our loss path; gradients flow back to the input embeddings)
 
@@ -115,17 +117,22 @@ def main() -> None:
 
     models = {"ours": ours, "torch": ours_with("torch")[0], "two_node": ours_with("torch", fused=False)[0],
               "reference": ours_with("reference")[0], "peft": peft_model}
+    def peft_with_our_loss():
+        base, _ = load_model(args.model, **load)
+        return peft.get_peft_model(
+            base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear"))
+
+    models["peft_our_loss"] = peft_with_our_loss()
+    compiled_decoder = None
     if not args.no_compile:
-        compiled_base, _ = load_model(args.model, **load)
-        compiled = peft.get_peft_model(
-            compiled_base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear"))
-        models["peft_compiled"] = torch.compile(compiled)
+        models["peft_compiled"] = peft_with_our_loss()
+        compiled_decoder = torch.compile(models["peft_compiled"].get_decoder())
     models["floor"] = floor
     for m in models.values():
         m.to(device).train()
     optims = {name: torch.optim.AdamW([p for _, p in trainable_parameters(models[name])], lr=1e-4, fused=True)
               for name in ("ours", "torch", "two_node", "reference")}  # fused AdamW, as the trainer
-    for name in ("peft", "peft_compiled"):  # torch's default AdamW, as a PEFT user's loop would
+    for name in ("peft", "peft_our_loss", "peft_compiled"):  # torch's default AdamW, as a PEFT user's loop would
         if name in models:
             optims[name] = torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
     n_ours = sum(p.numel() for _, p in trainable_parameters(ours))
@@ -138,9 +145,14 @@ def main() -> None:
             torch.cuda.synchronize()
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        if name.startswith("peft"):
+        if name == "peft":
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
+        elif name == "peft_compiled":  # our loss path around the compiled decoder
+            hidden = compiled_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            keep = batch["labels"][:, 1:] != -100
+            logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep]).float()
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:][keep])
         else:
             loss, _ = supervised_lm_loss(model, batch)
         loss.backward()
@@ -180,6 +192,7 @@ def main() -> None:
         "lora_over_floor": round(med["ours"] / med["floor"], 4),
         "fused_over_two_node": round(med["ours"] / med["two_node"], 4),
         "c_kernels_used": bool(kernels.library() is not None and args.precision == "fp32" and device.type == "cpu"),
+        "ours_over_peft_our_loss": round(med["ours"] / med["peft_our_loss"], 4),
         "ours_over_peft_compiled": round(med["ours"] / med["peft_compiled"], 4) if "peft_compiled" in med else None,
         "variants": over,
         "compile_s": None if compile_s is None else round(compile_s, 1),
