@@ -205,16 +205,16 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, None, grad_w0, grad_bias, grad_a, grad_b, None, None
 
 
-def _c_setup_context(ctx, inputs, output):
+def _c_setup_context(ctx, inputs, output, eager: bool = False):
     x2, w0, bias, a, b, scale, rescale, _seed, _drop16 = inputs
     _, z, bits = output
     ctx.save_for_backward(x2, w0, a, b, z, bits)
-    ctx.scale, ctx.rescale = scale, rescale
+    ctx.scale, ctx.rescale, ctx.eager = scale, rescale, eager
     ctx.set_materialize_grads(False)
 
 
 def _c_backward(ctx, g, g_phi, _g_bits):
-    """The C op's gradients: its backward kernel, or (second order) the torch formulas over the
+    """The C route's gradients: its backward kernel, or (second order) the torch formulas over the
     same mask, unpacked from the forward's bits."""
     x2, w0, a, b, z, bits = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -225,7 +225,8 @@ def _c_backward(ctx, g, g_phi, _g_bits):
         grad_x, grad_a, grad_b = _fused_backward_torch(
             (needs[0], needs[3], needs[4]), g, g_phi, x2, keep, w0, a, b, z, ctx.scale, ctx.rescale)
     else:
-        grad_x, grad_a, grad_b = kernels.lora_linear_backward(g, g_phi, x2, w0, a, b, z, bits, ctx.scale, ctx.rescale)
+        backward = kernels.linear_backward if ctx.eager else kernels.lora_linear_backward
+        grad_x, grad_a, grad_b = backward(g, g_phi, x2, w0, a, b, z, bits, ctx.scale, ctx.rescale)
     grad_w0 = g.mT @ x2 if needs[1] else None
     grad_bias = g.sum(0) if needs[2] else None
     return (grad_x if needs[0] else None, grad_w0, grad_bias, grad_a if needs[3] else None,
@@ -233,6 +234,24 @@ def _c_backward(ctx, g, g_phi, _g_bits):
 
 
 kernels.lora_linear.register_autograd(_c_backward, setup_context=_c_setup_context)
+
+
+class _CLoraLinear(torch.autograd.Function):
+    """The C route in eager mode: ``kernels.linear_forward`` / ``linear_backward`` called directly,
+    with the custom op's own autograd formula (``_c_backward``). The op (``kernels.lora_linear``)
+    is what ``torch.compile`` sees; called eagerly, its Python dispatch cost ~1 % of a step
+    (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, x2, w0, bias, a, b, scale: float, rescale: float, seed: int, drop16: int):
+        out = kernels.linear_forward(x2, w0, bias, a, b, scale, rescale, seed, drop16)
+        _c_setup_context(ctx, (x2, w0, bias, a, b, scale, rescale, seed, drop16), out, eager=True)
+        ctx.mark_non_differentiable(out[2])
+        return out
+
+    @staticmethod
+    def backward(ctx, g, g_phi, g_bits):
+        return _c_backward(ctx, g, g_phi, g_bits)
 
 
 # --- choosing the route ----------------------------------------------------------------------
@@ -279,7 +298,8 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
         # the mask travels as its seed (drop16 = 0: every element kept, nothing hashed)
         seed, drop16, rescale = dropout_draw(drop.p) if drop.training and drop.p > 0 else (0, 0, 1.0)
         x2 = x.reshape(-1, x.shape[-1])
-        out, phi, _ = kernels.lora_linear(x2, base.weight, base.bias, a, b, layer.scaling, rescale, seed, drop16)
+        route = kernels.lora_linear if torch.compiler.is_compiling() else _CLoraLinear.apply
+        out, phi, _ = route(x2, base.weight, base.bias, a, b, layer.scaling, rescale, seed, drop16)
         out, phi = out.reshape(*x.shape[:-1], -1), phi.reshape(*x.shape[:-1], -1)
     else:
         keep, rescale = drop.keep_mask(x)

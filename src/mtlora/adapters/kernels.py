@@ -240,8 +240,7 @@ def lora_backward(
 # --- the custom ops: what autograd, torch.compile and export see ---------------------------------
 
 
-@torch.library.custom_op("mtlora::lora_linear", mutates_args=())
-def lora_linear(
+def linear_forward(
     x2: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
     scale: float, rescale: float, seed: int, drop16: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,23 +251,28 @@ def lora_linear(
     return out, z, bits
 
 
+def linear_backward(
+    g2: torch.Tensor, g_phi: torch.Tensor | None, x2: torch.Tensor, w0: torch.Tensor, a: torch.Tensor,
+    b: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, scale: float, rescale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_A, grad_B)`` of ``linear_forward`` (first order; ``lora_backward`` + ``g2 W0``)."""  # fmt: skip
+    grad_x = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    grad_a, grad_b = lora_backward(g2, b, z, g_phi, x2, a, bits, grad_x, scale * rescale, scale, rescale)
+    grad_x.addmm_(g2, w0)
+    return grad_x, grad_a, grad_b
+
+
+# The same two functions as torch custom ops, for torch.compile and export (``backends.py`` calls
+# the plain functions in eager mode: the ops' Python dispatch costs time on every call).
+lora_linear = torch.library.custom_op("mtlora::lora_linear", linear_forward, mutates_args=())
+lora_linear_backward = torch.library.custom_op("mtlora::lora_linear_backward", linear_backward, mutates_args=())
+
+
 @lora_linear.register_fake
 def _lora_linear_fake(x2, w0, bias, a, b, scale, rescale, seed, drop16):
     rows = x2.shape[0]
     return (x2.new_empty(rows, w0.shape[0]), x2.new_empty(rows, a.shape[0]),
             x2.new_empty(rows, (x2.shape[1] + 31) // 32, dtype=torch.int32))  # fmt: skip
-
-
-@torch.library.custom_op("mtlora::lora_linear_backward", mutates_args=())
-def lora_linear_backward(
-    g2: torch.Tensor, g_phi: torch.Tensor | None, x2: torch.Tensor, w0: torch.Tensor, a: torch.Tensor,
-    b: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, scale: float, rescale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x, grad_A, grad_B)`` of ``lora_linear`` (first order; ``lora_backward`` + ``g2 W0``)."""  # fmt: skip
-    grad_x = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    grad_a, grad_b = lora_backward(g2, b, z, g_phi, x2, a, bits, grad_x, scale * rescale, scale, rescale)
-    grad_x.addmm_(g2, w0)
-    return grad_x, grad_a, grad_b
 
 
 @lora_linear_backward.register_fake
