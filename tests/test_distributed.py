@@ -72,11 +72,8 @@ def _write_config(root: Path, name: str, model: Path, tasks: list[Path], method:
     return path
 
 
-@pytest.fixture(scope="module")
-def ddp_setup(tmp_path_factory, tiny_model_dir):
-    """Tasks with prompts of different lengths (ranks hold unequal token counts), configs, one
-    2-process launch for every method plus the uninterrupted reference of the resume test."""
-    root = tmp_path_factory.mktemp("ddp")
+def _two_tasks(root: Path) -> list[Path]:
+    """Two task files whose prompts differ in length (ranks hold unequal token counts)."""
     words = ["loves", "hates", "really likes", "bites hard on"]
     sentiment = [{"prompt": f"Review: the cat {w} the mat. Positive or negative?", "answer": a,
                   "choices": ["negative", "positive"]}
@@ -84,6 +81,15 @@ def ddp_setup(tmp_path_factory, tiny_model_dir):
     qa = [{"prompt": f"Question: what is {i} + 1? Answer:", "answer": str(i + 1) * (1 + i % 3),
            "choices": [str(i + 1) * (1 + i % 3), str(i + 2)]} for i in range(16)]
     tasks = [write_jsonl(root / "sentiment.jsonl", sentiment), write_jsonl(root / "qa.jsonl", qa)]
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def ddp_setup(tmp_path_factory, tiny_model_dir):
+    """Tasks with prompts of different lengths (ranks hold unequal token counts), configs, one
+    2-process launch for every method plus the uninterrupted reference of the resume test."""
+    root = tmp_path_factory.mktemp("ddp")
+    tasks = _two_tasks(root)
     configs = {}
     for name, (method, adapter, train_kw, sections) in METHODS.items():
         configs[name] = {

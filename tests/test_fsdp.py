@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_distributed import _adapter, _env, _history, _kill_tree, _write_config, write_jsonl
+from test_distributed import _adapter, _env, _history, _kill_tree, _two_tasks, _write_config
 
 from mtlora.config import load_config
 from mtlora.distributed import free_port
@@ -56,13 +56,7 @@ def fsdp_setup(tmp_path_factory, tiny_model_dir):
     """Tasks with prompts of different lengths, configs, and one FSDP launch (tests/ddp_worker.py)
     for every compared method plus the uninterrupted reference of the resume test."""
     root = tmp_path_factory.mktemp("fsdp")
-    words = ["loves", "hates", "really likes", "bites hard on"]
-    sentiment = [{"prompt": f"Review: the cat {w} the mat. Positive or negative?", "answer": a,
-                  "choices": ["negative", "positive"]}
-                 for w, a in zip(words * 4, ["positive", "negative", "positive", "negative"] * 4, strict=True)]
-    qa = [{"prompt": f"Question: what is {i} + 1? Answer:", "answer": str(i + 1) * (1 + i % 3),
-           "choices": [str(i + 1) * (1 + i % 3), str(i + 2)]} for i in range(16)]
-    tasks = [write_jsonl(root / "sentiment.jsonl", sentiment), write_jsonl(root / "qa.jsonl", qa)]
+    tasks = _two_tasks(root)
     configs = {
         name: {n: _write_config(root, f"{name}_{n}proc", tiny_model_dir, tasks, method, 4 // n, adapter, sections,
                                 **train_kw) for n in (1, 2)}
