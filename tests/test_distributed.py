@@ -162,18 +162,22 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_midway_resumes_to_the_same_adapter(ddp_setup):
-    root, _, cfg = ddp_setup
-    killed = root / "killed"
-    cli = [sys.executable, "-m", "mtlora.cli", "train", str(cfg["killed"]), "--no-progress", "--num-processes", "2"]
-    proc = subprocess.Popen(cli, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / CHECKPOINT_DIR / STATE_FILE
+def _kill_at_first_checkpoint(cmd: list[str], state: Path) -> None:
+    """Start a training command, SIGKILL it (and its workers) once its first checkpoint exists."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     _kill_tree(proc)
     assert state.exists(), "the run never wrote a checkpoint"
-    saved_step = torch.load(state, weights_only=False)["step"]
+
+
+def test_two_process_run_killed_midway_resumes_to_the_same_adapter(ddp_setup):
+    root, _, cfg = ddp_setup
+    killed = root / "killed"
+    cli = [sys.executable, "-m", "mtlora.cli", "train", str(cfg["killed"]), "--no-progress", "--num-processes", "2"]
+    _kill_at_first_checkpoint(cli, killed / CHECKPOINT_DIR / STATE_FILE)
+    saved_step = torch.load(killed / CHECKPOINT_DIR / STATE_FILE, weights_only=False)["step"]
     assert saved_step < RESUME_STEPS, "the run finished before it could be killed: the test proves nothing"
     assert not (killed / "adapter").exists()
     resumed = subprocess.run([*cli, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)

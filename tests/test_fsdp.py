@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_distributed import _adapter, _env, _history, _kill_tree, _two_tasks, _write_config
+from test_distributed import _adapter, _env, _history, _kill_at_first_checkpoint, _two_tasks, _write_config
 
 from mtlora.config import load_config
 from mtlora.distributed import free_port
@@ -107,13 +106,8 @@ def test_fsdp_run_killed_midway_resumes_to_the_same_adapter(fsdp_setup):
     root, _, cfg = fsdp_setup
     killed = root / "killed"
     cmd = [*fsdp_launch(), "-m", "mtlora.cli", "train", str(cfg["killed"]), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / CHECKPOINT_DIR / STATE_FILE
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    _kill_tree(proc)
-    assert state.exists(), "the run never wrote a checkpoint"
+    _kill_at_first_checkpoint(cmd, state)
     saved = torch.load(state, weights_only=False)
     assert saved["step"] < RESUME_STEPS, "the run finished before it could be killed: the test proves nothing"
     assert len(saved["optimizer_per_rank"]) == 2 and saved["fsdp_sharding"] == "FULL_SHARD"
