@@ -117,27 +117,31 @@ def _examples() -> list[Example]:
 
 
 def test_evaluate_generate_extract_scores_what_the_model_generates(monkeypatch):
-    """A model made to answer with the gold (then a wrong answer) scores 1 (then 0): decode, parse and
-    score are wired; the real greedy generate runs first and gives a well-formed report."""
+    """The real greedy decoder gives what ``model.generate`` gives on the rendered prompt (BOS, to the
+    token budget, newlines kept, whole text parsed); a model made to answer with the gold (then a
+    wrong answer) scores 1 (then 0): decode, parse and score are wired."""
+    import mtlora.evaluate as ev
+    from mtlora.eval_protocols import parse_model_output, render_prompt
+
     model, tok = tiny_model("llama")
     model.train()
     examples = _examples()
-    report = evaluate(model, tok, examples, batch_size=2, max_new_tokens=3, protocol="generate_extract", progress=False)
+    report = evaluate(model, tok, examples, batch_size=2, max_new_tokens=5, protocol="generate_extract", progress=False)
     assert set(report.per_task) == {"boolq", "piqa"} and report.meta["protocol"] == "generate_extract"
     assert all(p["template"] == "released" and p["kind"] == "generation" for p in report.predictions)
+    model.eval()
+    for ex, pred in zip(examples, report.predictions, strict=True):
+        prompt = render_prompt(ex).prompt
+        ids = torch.tensor([tok.encode(prompt, add_special_tokens=True)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        text = prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert pred["pred"] == parse_model_output(text.strip())
+    model.train()
 
     answers = iter([])
-
-    def fake_generate(input_ids, attention_mask, **kw):
-        rows = []
-        for _ in range(input_ids.shape[0]):
-            rows.append(tok.encode(next(answers), add_special_tokens=False))
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        extra = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        return torch.cat([input_ids, extra], dim=1)
-
-    monkeypatch.setattr(model, "generate", fake_generate)
+    monkeypatch.setattr(ev, "_generate", lambda model, tok, exs, **kw: [next(answers) for _ in exs])
     answers = iter(["true", "false", "solution1"])
     right = evaluate(model, tok, examples, batch_size=2, protocol="generate_extract", progress=False)
     assert right.macro["primary"] == 1.0, right.predictions

@@ -38,14 +38,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from mtlora.adapters.context import forward_context
 from mtlora.data.example import Example
 
 PROTOCOLS = ("loglik", "generate_extract")
 
-__all__ = ["PROTOCOLS", "accuracy_flags", "generate_extract_predictions", "parse_model_output", "render_prompt"]
+__all__ = ["PROTOCOLS", "accuracy_flags", "parse_model_output", "render_prompt", "score_generations"]
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -77,35 +74,32 @@ def _boolq(ex: Example) -> Rendered:
     return Rendered(prompt, "true" if ex.gold == 1 else "false", "released")
 
 
+def _named(ex: Example, instruction: str, body: str, name: str) -> Rendered:
+    """The released layout of named options: ``{body}\nName1: ...\nName2: ...``, the format line
+    ``name1/name2/...`` and the gold ``name{k}``."""
+    options = _numbered(name.capitalize(), ex.choices)
+    fmt = _formats(name, len(ex.choices))
+    return Rendered(f"{instruction}{body}{options}\nAnswer format: {fmt}. Answer: ", f"{name}{ex.gold + 1}", "released")
+
+
 def _piqa(ex: Example) -> Rendered:
     goal = _strip(ex.prompt, "Question: ", "\nAnswer:")
-    instruction = "Please choose the correct solution to the question: "
-    body = f"{goal}\nSolution1: {ex.choices[0]}\nSolution2: {ex.choices[1]}"
-    return Rendered(f"{instruction}{body}\nAnswer format: solution1/solution2. Answer: ", f"solution{ex.gold + 1}",
-                    "released")
+    return _named(ex, "Please choose the correct solution to the question: ", goal, "solution")
 
 
 def _siqa(ex: Example) -> Rendered:
     question = _strip(ex.prompt, "Q: ", "\nA:")
-    instruction = "Please choose the correct answer to the question: "
-    body = f"{question}\nAnswer1: {ex.choices[0]}\nAnswer2: {ex.choices[1]}\nAnswer3: {ex.choices[2]}"
-    return Rendered(f"{instruction}{body}\nAnswer format: answer1/answer2/answer3. Answer: ", f"answer{ex.gold + 1}",
-                    "released")
+    return _named(ex, "Please choose the correct answer to the question: ", question, "answer")
 
 
 def _hellaswag(ex: Example) -> Rendered:
-    instruction = "Please choose the correct ending to complete the given sentence: "
-    body = ex.prompt + "".join(f"\nEnding{i + 1}: {c}" for i, c in enumerate(ex.choices))
-    fmt = _formats("ending", len(ex.choices))
-    return Rendered(f"{instruction}{body}\nAnswer format: {fmt}. Answer: ", f"ending{ex.gold + 1}", "released")
+    return _named(ex, "Please choose the correct ending to complete the given sentence: ", ex.prompt, "ending")
 
 
 def _winogrande(ex: Example) -> Rendered:
     sentence = ex.prompt.split("\nQuestion: Which option fits the blank", 1)[0]
-    instruction = "Please choose the correct answer to fill in the blank to complete the given sentence: "
-    body = f"{sentence}\nOption1: {ex.choices[0]}\nOption2: {ex.choices[1]}"
-    return Rendered(f"{instruction}{body}\nAnswer format: option1/option2. Answer: ", f"option{ex.gold + 1}",
-                    "released")
+    return _named(ex, "Please choose the correct answer to fill in the blank to complete the given sentence: ",
+                  sentence, "option")
 
 
 LETTERS = "ABCDEFGH"
@@ -227,51 +221,17 @@ def accuracy_flags(outputs: Sequence[str], ground_truths: Sequence[str]) -> list
     return flags
 
 
-# ----------------------------------------------------------------------------------------- generation
-def _pad_id(tokenizer) -> int:
-    from mtlora.data.collate import pad_id_of  # the one pad-id rule
-
-    return pad_id_of(tokenizer)
-
-
-def generate_extract_predictions(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    task_ids: dict[str, int],
-    max_length: int | None = None,
-) -> list[dict[str, Any]]:
+# ------------------------------------------------------------------------------------------- scoring
+def score_generations(examples: Sequence[Example], outputs: Sequence[str]) -> list[dict[str, Any]]:
     """One prediction dict per example (``kind: generation``), scored as the released scripts score.
 
-    Greedy ``model.generate`` on left-padded batches inside ``forward_context(task_ids=...)``, the
-    decoded prompt + continuation parsed by :func:`parse_model_output`, and correctness from
-    :func:`accuracy_flags` over each task's examples together (its mode depends on the task's first
-    gold answer, as in ``batch_test_mt``). The caller sets eval mode and no-grad.
+    ``outputs[i]`` is the decoded prompt + continuation of ``render_prompt(examples[i])`` (greedy,
+    to EOS or the token budget: :func:`mtlora.evaluate.evaluate` runs the model). Each is parsed by
+    :func:`parse_model_output`, and correctness comes from :func:`accuracy_flags` over each task's
+    examples together (its mode depends on the task's first gold answer, as in ``batch_test_mt``).
     """
     rendered = [render_prompt(ex) for ex in examples]
-    limit = max_length or getattr(tokenizer, "model_max_length", None) or 2048
-    limit = max(1, min(int(limit), 100_000) - max_new_tokens)
-    pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
-    texts: list[str] = [""] * len(examples)
-    for start in range(0, len(examples), batch_size):
-        idx = list(range(start, min(start + batch_size, len(examples))))
-        encoded = [tokenizer.encode(rendered[i].prompt, add_special_tokens=True)[-limit:] for i in idx]
-        width = max(len(e) for e in encoded)
-        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        tids = torch.tensor([task_ids[examples[i].task] for i in idx], device=device)
-        with forward_context(task_ids=tids):
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None,
-            )
-        for r, i in enumerate(idx):
-            texts[i] = tokenizer.decode(out[r], skip_special_tokens=True)
-    preds = [parse_model_output(text.strip()) for text in texts]
+    preds = [parse_model_output(text.strip()) for text in outputs]
     by_task: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         by_task.setdefault(ex.task, []).append(i)

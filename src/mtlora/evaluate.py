@@ -43,7 +43,7 @@ import math
 import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -475,8 +475,10 @@ def _generate(
     max_length: int | None,
     add_special_tokens: bool,
     progress: bool,
+    first_line: bool = True,
 ) -> list[str]:
-    """Greedy decoding with a KV cache; a row stops at EOS or once its text contains a newline."""
+    """Greedy decoding with a KV cache; a row stops at EOS, the token budget, or (``first_line``, the
+    open-answer tasks' rule) once its text holds a newline, and only that first line is returned."""
     limit = _max_length(model, tokenizer, max_length)
     budget = max(1, limit - max_new_tokens)
     prompts = []
@@ -511,7 +513,7 @@ def _generate(
                             done[r] = True
                             continue
                         generated[r].append(tok)
-                        if "\n" in tokenizer.decode(generated[r], skip_special_tokens=True):
+                        if first_line and "\n" in tokenizer.decode(generated[r], skip_special_tokens=True):
                             done[r] = True
                     if all(done):
                         break
@@ -519,7 +521,8 @@ def _generate(
                     step_pos = step_pos[:, -1:] + 1
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             for r, i in enumerate(idx):
-                texts[i] = tokenizer.decode(generated[r], skip_special_tokens=True).split("\n", 1)[0]
+                text = tokenizer.decode(generated[r], skip_special_tokens=True)
+                texts[i] = text.split("\n", 1)[0] if first_line else text
             bar.update(len(idx))
     return texts
 
@@ -627,15 +630,16 @@ def evaluate(
     examples = list(examples)
     ids = _task_id_map(examples, task_names)
     if protocol != "loglik":
-        from mtlora.eval_protocols import generate_extract_predictions
+        from mtlora.eval_protocols import render_prompt, score_generations
 
         if protocol != "generate_extract":
             raise ValueError(f"protocol must be 'loglik' or 'generate_extract', got {protocol!r}")
-        with _EvalMode(model):
-            predictions = generate_extract_predictions(
-                model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                task_ids=ids, max_length=max_length,
-            )
+        prompted = [replace(ex, prompt=render_prompt(ex).prompt) for ex in examples]
+        with _EvalMode(model):  # the released scripts: tokenizer defaults (BOS), greedy to EOS, whole text parsed
+            texts = _generate(model, tokenizer, prompted, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              task_ids=ids, max_length=max_length, add_special_tokens=True, progress=progress,
+                              first_line=False)
+        predictions = score_generations(examples, [ex.prompt + t for ex, t in zip(prompted, texts, strict=True)])
         meta = {"protocol": protocol, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "task_ids": ids}
         return _build_report(examples, predictions, meta)
     mc_idx = [i for i, ex in enumerate(examples) if ex.choices is not None]
