@@ -26,8 +26,9 @@ answer-only loss (the LM head applied only at supervised positions):
 - peft_our_loss: PEFT's LoRA layers (the textbook ``base(x) + s * B(A(dropout(x)))``, eager) with
              our loss path: the layer alone, compared with ours
 - peft_compiled: the same, its decoder under ``torch.compile`` (inductor): what compiling a
-             textbook LoRA layer gives on this device (our own layers graph-break at their context
-             read, a ContextVar dynamo cannot trace, so compiling ours would measure the breaks)
+             textbook LoRA layer gives on this device
+- reference_compiled: our ``backend: reference`` layers, the decoder under ``torch.compile``
+             (inductor): whether compiling the readable route makes the C kernels unnecessary
 - floor:     the frozen base, no adapter, forward + backward over the same tokens and the same loss
              positions (our loss path; gradients flow back to the input embeddings)
 
@@ -72,6 +73,7 @@ def main() -> None:
 
     from mtlora.adapters import (
         LoraLinear,
+        forward_context,
         inject_adapters,
         kernels,
         make_adapter_config,
@@ -123,15 +125,17 @@ def main() -> None:
             base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules="all-linear"))
 
     models["peft_our_loss"] = peft_with_our_loss()
-    compiled_decoder = None
+    compiled_decoders = {}
     if not args.no_compile:
         models["peft_compiled"] = peft_with_our_loss()
-        compiled_decoder = torch.compile(models["peft_compiled"].get_decoder())
+        models["reference_compiled"] = ours_with("reference")[0]
+        compiled_decoders = {name: torch.compile(models[name].get_decoder())
+                             for name in ("peft_compiled", "reference_compiled")}
     models["floor"] = floor
     for m in models.values():
         m.to(device).train()
     optims = {name: torch.optim.AdamW([p for _, p in trainable_parameters(models[name])], lr=1e-4, fused=True)
-              for name in ("ours", "torch", "two_node", "reference")}  # fused AdamW, as the trainer
+              for name in ("ours", "torch", "two_node", "reference", "reference_compiled") if name in models}
     for name in ("peft", "peft_our_loss", "peft_compiled"):  # torch's default AdamW, as a PEFT user's loop would
         if name in models:
             optims[name] = torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
@@ -148,8 +152,9 @@ def main() -> None:
         if name == "peft":
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
-        elif name == "peft_compiled":  # our loss path around the compiled decoder
-            hidden = compiled_decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        elif name in compiled_decoders:  # our loss path around the compiled decoder
+            with forward_context(task_ids=batch["task_ids"]):
+                hidden = compiled_decoders[name](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             keep = batch["labels"][:, 1:] != -100
             logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep]).float()
             loss = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:][keep])
@@ -162,12 +167,12 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    compile_s = None
-    for name in models:  # warm-up (the compiled model compiles here: timed apart)
+    compile_s: dict[str, float] = {}
+    for name in models:  # warm-up (the compiled models compile here: timed apart)
         t0 = time.perf_counter()
         step(name)
-        if name == "peft_compiled":
-            compile_s = time.perf_counter() - t0
+        if name in compiled_decoders:
+            compile_s[name] = round(time.perf_counter() - t0, 1)
         step(name)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(reps):
@@ -179,12 +184,12 @@ def main() -> None:
           f"LoRA r=8 dropout {args.dropout} all-linear ({n_ours:,} trainable), {reps} interleaved reps, device {device}, "
           f"precision {args.precision}, "
           f"{torch.get_num_threads()} threads, freed memory retained: {retained}")
-    print(f"{'variant':<14} {'median s':>9} {'min s':>9} {'max s':>9} {'/ peft':>8} {'/ floor':>8}")
+    print(f"{'variant':<18} {'median s':>9} {'min s':>9} {'max s':>9} {'/ peft':>8} {'/ floor':>8}")
     for name in models:
-        print(f"{name:<14} {med[name]:>9.3f} {min(times[name]):>9.3f} {max(times[name]):>9.3f} "
+        print(f"{name:<18} {med[name]:>9.3f} {min(times[name]):>9.3f} {max(times[name]):>9.3f} "
               f"{med[name] / med['peft']:>8.3f} {med[name] / med['floor']:>8.3f}")
-    if compile_s is not None:
-        print(f"(peft_compiled: first step, compiling, {compile_s:.0f} s)")
+    for name, seconds in compile_s.items():
+        print(f"({name}: first step, compiling, {seconds:.0f} s)")
     over = {name: {"over_peft": round(med[name] / med["peft"], 4), "over_floor": round(med[name] / med["floor"], 4)}
             for name in models if name != "floor"}
     result = {
@@ -194,8 +199,11 @@ def main() -> None:
         "c_kernels_used": bool(kernels.library() is not None and args.precision == "fp32" and device.type == "cpu"),
         "ours_over_peft_our_loss": round(med["ours"] / med["peft_our_loss"], 4),
         "ours_over_peft_compiled": round(med["ours"] / med["peft_compiled"], 4) if "peft_compiled" in med else None,
+        "ours_over_reference_compiled": (round(med["ours"] / med["reference_compiled"], 4)
+                                         if "reference_compiled" in med else None),
         "variants": over,
-        "compile_s": None if compile_s is None else round(compile_s, 1),
+        "compile_s": compile_s.get("peft_compiled"),
+        "compile_s_by_variant": compile_s,
         "median_s": {k: round(v, 4) for k, v in med.items()},
         "dropout": args.dropout,
         "device": str(device),

@@ -280,7 +280,7 @@ def uses_c(layer, x: torch.Tensor) -> bool:
     w = [layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight]
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, *w)):
         return False
-    if kernels.library() is None:
+    if not kernels.available():
         if layer.backend == "c":
             raise UserError("adapter.backend", "c: the C kernels could not be built on this machine "
                             f"({kernels.build_failure() or 'disabled'}); expected auto or torch here")

@@ -36,7 +36,17 @@ _EMPTY = ForwardContext()
 _CURRENT: ContextVar[ForwardContext] = ContextVar("mtlora_forward_context", default=_EMPTY)
 
 
+class _Traced:
+    """What a ``torch.compile``'d forward reads. Dynamo cannot trace ``ContextVar.get`` (a graph
+    break in every adapter layer), but it traces and guards a module attribute, so the context is
+    also kept here; it is per process, not per thread, which only compiled forwards rely on."""
+
+    ctx: ForwardContext = _EMPTY
+
+
 def current_context() -> ForwardContext:
+    if torch.compiler.is_compiling():
+        return _Traced.ctx
     return _CURRENT.get()
 
 
@@ -44,8 +54,10 @@ def current_context() -> ForwardContext:
 def forward_context(**fields) -> Iterator[ForwardContext]:
     """Set context fields for the duration of a forward call (nested contexts inherit)."""
     ctx = replace(_CURRENT.get(), **fields)
-    token = _CURRENT.set(ctx)
+    token, traced = _CURRENT.set(ctx), _Traced.ctx
+    _Traced.ctx = ctx
     try:
         yield ctx
     finally:
         _CURRENT.reset(token)
+        _Traced.ctx = traced

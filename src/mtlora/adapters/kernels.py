@@ -115,6 +115,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether :func:`library` loaded; a constant to ``torch.compile`` (it cannot trace the build)."""
+    return library() is not None
+
+
 def _keys(seed: int) -> tuple[int, int]:
     return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
 

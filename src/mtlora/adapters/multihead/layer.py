@@ -328,7 +328,9 @@ class MultiHeadLoraLinear(LoraLinear):
         if ids.numel() != x.shape[0]:
             raise UserError(self.name, f"expected one task id per row ({x.shape[0]}), got {ids.numel()}")
         n = self.task_router.shape[0]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        if torch.compiler.is_compiling():  # a value check is a graph break there: checked on the device
+            torch._assert_async(((ids >= 0) & (ids < n)).all(), f"{self.name}: task id out of range 0..{n - 1}")
+        elif ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
             raise UserError(self.name, f"task id out of range: expected 0..{n - 1}, got {ids.tolist()}")
         return ids
 
