@@ -118,8 +118,8 @@ def _examples() -> list[Example]:
 
 def test_evaluate_generate_extract_scores_what_the_model_generates(monkeypatch):
     """The real greedy decoder gives what ``model.generate`` gives on the rendered prompt (BOS, to the
-    token budget, newlines kept, whole text parsed); a model made to answer with the gold (then a
-    wrong answer) scores 1 (then 0): decode, parse and score are wired."""
+    token budget, prompt + continuation parsed); a model made to answer with the gold (then a wrong
+    answer) scores 1 (then 0): decode, parse and score are wired."""
     import mtlora.evaluate as ev
     from mtlora.eval_protocols import parse_model_output, render_prompt
 
