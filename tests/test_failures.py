@@ -599,3 +599,20 @@ def test_the_portable_base_name_resolves_offline_to_the_embedded_alias(monkeypat
     assert models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == models.resolve_model("smollm2-135m")
     with pytest.raises(UserError, match="no such model folder"):
         models.resolve_model("someone/else")
+
+
+@pytest.mark.parametrize("section, cls", [("data", "DataConfig"), ("eval", "EvalConfig"), ("align", "AlignConfig"),
+                                          ("meta", "MetaConfig"), ("", "RunConfig")])
+def test_every_choice_field_refuses_a_value_outside_its_choices_when_built_in_python(section, cls):
+    """YAML values are checked on loading; a section built in Python gets the same one-line error
+    for every ``Literal`` field, not only for the fields someone remembered to check by hand."""
+    klass = getattr(config_module, cls)
+    literal = {name: typing.get_args(hint) for name, hint in typing.get_type_hints(klass).items()
+               if typing.get_origin(hint) is typing.Literal}
+    assert literal, f"{cls} has no choice field"
+    for name, allowed in literal.items():
+        key = f"{section}.{name}" if section else name
+        with pytest.raises(UserError, match=rf"^{key}: expected one of \[") as info:
+            klass(**{name: "not-a-choice"})
+        assert repr(list(allowed)) in str(info.value)
+        klass(**{name: allowed[-1]})  # every listed choice is accepted (where the section allows it alone)

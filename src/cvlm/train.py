@@ -7,7 +7,7 @@ phantoms, show progress with rich, and return a small history for the results fi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,40 @@ def _progress(enabled: bool) -> Progress:
     )  # fmt: skip
 
 
+def _fit(
+    module: torch.nn.Module, step_losses: Callable[[], dict[str, torch.Tensor]], steps: int, lr: float,
+    weight_decay: float, max_seconds: float | None, desc: str, progress: bool,
+    info: Callable[[dict[str, list[float]]], str],
+) -> tuple[dict[str, list[float]], dict]:
+    """The loop both trainings share: AdamW on ``module``'s trainable parameters, a cosine learning
+    rate, gradient clipping at 1, the step and time budget of ``_schedule`` and a progress bar.
+
+    ``step_losses()`` draws one batch and returns named losses; ``"total"`` is the one minimised.
+    Returns the per-step history of every loss and the run's counts and times."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    module.train()
+    hist: dict[str, list[float]] = {}
+    t0, c0 = time.time(), time.process_time()
+    done = 0
+    with _progress(progress) as bar:
+        task = bar.add_task(desc, total=steps, info="")
+        while (at := _schedule(done, steps, c0, max_seconds)) is not None:
+            losses = step_losses()
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(at, steps, lr)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            for k, v in losses.items():
+                hist.setdefault(k, []).append(float(v.detach()))
+            done += 1
+            bar.update(task, completed=at + 1, info=info(hist))
+    module.eval()
+    return hist, {"steps": done, "max_steps": steps, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
+
+
 def train_generator(
     gen: CXRReportGenerator,
     phantoms: Sequence[Phantom],
@@ -72,29 +106,16 @@ def train_generator(
     texts = [write_report(p.findings) for p in phantoms]
     tokens = pad_tokens([gen.tokenizer.encode(t) for t in texts], device)
     labels = torch.tensor([report_vector(t) for t in texts], dtype=torch.float32).to(device)
-    opt = torch.optim.AdamW(gen.parameters(), lr=lr, weight_decay=0.01)
-    gen.train()
     g = torch.Generator(device=device).manual_seed(seed)
-    losses: list[float] = []
-    t0, c0 = time.time(), time.process_time()
-    done = 0
-    with _progress(progress) as bar:
-        task = bar.add_task(desc, total=steps, info="")
-        while (at := _schedule(done, steps, c0, max_seconds)) is not None:
-            idx = torch.randint(len(phantoms), (batch_size,), generator=g, device=device)
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(at, steps, lr)
-            loss = gen.loss(augment(x[idx], gen.cfg.aug_noise, g), tokens[idx], labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            done += 1
-            bar.update(task, completed=at + 1, info=f"loss {np.mean(losses[-20:]):.3f}")
-    gen.eval()
-    return {"steps": done, "max_steps": steps, "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
-            "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0}
+
+    def step_losses() -> dict[str, torch.Tensor]:
+        idx = torch.randint(len(phantoms), (batch_size,), generator=g, device=device)
+        return {"total": gen.loss(augment(x[idx], gen.cfg.aug_noise, g), tokens[idx], labels[idx])}
+
+    hist, run = _fit(gen, step_losses, steps, lr, 0.01, max_seconds, desc, progress,
+                     info=lambda h: f"loss {np.mean(h['total'][-20:]):.3f}")
+    losses = hist.get("total", [])
+    return {"final_loss": float(np.mean(losses[-50:])) if losses else float("nan"), **run}
 
 
 def train_manipulator(
@@ -127,41 +148,25 @@ def train_manipulator(
     torch.manual_seed(seed)
     device = device_of(manip)
     x_all = images_tensor(phantoms, device)
-    opt = torch.optim.AdamW(manip.parameters(), lr=lr, weight_decay=0.0)
-    manip.train()
-    hist: dict[str, list[float]] = {}
-    t0, c0 = time.time(), time.process_time()
     texts = list(base) if base is not None else [write_report(p.findings) for p in phantoms]
     findings = [label_report(t) for t in texts]
-    done = 0
-    with _progress(progress) as bar:
-        task = bar.add_task(desc, total=steps, info="")
-        while (at := _schedule(done, steps, c0, max_seconds)) is not None:
-            idx = rng.integers(len(phantoms), size=batch_size)
-            reports, base_reports, ident = [], [], []
-            for i in idx:
-                f = findings[int(i)]
-                e = None if rng.random() < identity_frac else random_edit(f, rng)
-                reports.append(edit_text(texts[int(i)], e) if e else texts[int(i)])
-                base_reports.append(texts[int(i)])
-                ident.append(e is None)
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(at, steps, lr)
-            cond = manip.encode_reports(reports, base_reports)
-            batch = x_all[torch.from_numpy(idx).to(device)]
-            losses = manipulator_losses(manip, gen, batch, reports, cond, torch.tensor(ident, device=device), weights)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(manip.parameters(), 1.0)
-            opt.step()
-            for k, v in losses.items():
-                hist.setdefault(k, []).append(float(v.detach()))
-            done += 1
-            bar.update(task, completed=at + 1, info=f"cycle {np.mean(hist['cycle'][-20:]):.2f} l1 {np.mean(hist['l1'][-20:]):.4f}")
-    manip.eval()
-    out = {k: float(np.mean(v[-50:])) for k, v in hist.items()}
-    out.update(steps=done, max_steps=steps, seconds=time.time() - t0, cpu_seconds=time.process_time() - c0)
-    return out
+
+    def step_losses() -> dict[str, torch.Tensor]:
+        idx = rng.integers(len(phantoms), size=batch_size)
+        reports, base_reports, ident = [], [], []
+        for i in idx:
+            f = findings[int(i)]
+            e = None if rng.random() < identity_frac else random_edit(f, rng)
+            reports.append(edit_text(texts[int(i)], e) if e else texts[int(i)])
+            base_reports.append(texts[int(i)])
+            ident.append(e is None)
+        cond = manip.encode_reports(reports, base_reports)
+        batch = x_all[torch.from_numpy(idx).to(device)]
+        return manipulator_losses(manip, gen, batch, reports, cond, torch.tensor(ident, device=device), weights)
+
+    hist, run = _fit(manip, step_losses, steps, lr, 0.0, max_seconds, desc, progress,
+                     info=lambda h: f"cycle {np.mean(h['cycle'][-20:]):.2f} l1 {np.mean(h['l1'][-20:]):.4f}")
+    return {**{k: float(np.mean(v[-50:])) for k, v in hist.items()}, **run}
 
 
 def generator_reports(gen: ReportGenerator, phantoms: Sequence[Phantom]) -> list[str]:
