@@ -245,8 +245,9 @@ def test_torch_compile_traces_a_layer_and_its_context_whole(backend):
                 y.pow(2).sum().backward()
                 runs.append((y.detach(), xx.grad, [c[1].detach() for c in captured]))
             (y0, g0, c0), (y1, g1, c1) = runs
-            torch.testing.assert_close(y1, y0)
-            torch.testing.assert_close(g1, g0)
+            # the traced graph may decompose the fused products differently: fp32 rounding, scaled
+            for got, want in ((y1, y0), (g1, g0)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
             assert len(c1) == len(c0) == 1
             torch.testing.assert_close(c1[0], c0[0])
     with forward_context(task_ids=torch.tensor([0, 0])):

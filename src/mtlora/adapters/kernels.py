@@ -34,12 +34,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from mtlora.fileio import atomic_write_with
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fPIC", "-shared"]
@@ -90,14 +91,10 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"lora_kernels-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, target)  # atomic: a concurrent or interrupted build never leaves half a file
+        try:  # atomic: a concurrent or interrupted build never leaves half a file
+            atomic_write_with(target, lambda tmp: subprocess.run(
+                [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], check=True, capture_output=True, timeout=120))
         except (OSError, subprocess.SubprocessError) as exc:
-            Path(tmp).unlink(missing_ok=True)
             detail = getattr(exc, "stderr", None) or b""
             first = detail.decode(errors="replace").strip().splitlines()[:1] if detail else []
             _unavailable(f"{Path(compiler).name} failed" + (f": {first[0][:120]}" if first else f": {exc}"))

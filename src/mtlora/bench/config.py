@@ -19,7 +19,7 @@ import yaml
 
 from mtlora.config import RunConfig, deep_merge, load_config, parse_overrides
 from mtlora.errors import UserError
-from mtlora.fileio import atomic_write_text
+from mtlora.fileio import atomic_write_json, atomic_write_text
 from mtlora.methods import get_method
 
 CELLS_DIR = "cells"
@@ -86,11 +86,6 @@ class BenchConfig:
 
     def cell_dir(self, method: MethodSpec, seed: int) -> Path:
         return self.output_dir / CELLS_DIR / method.name / f"seed{seed}"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file and rename it: a killed bench never leaves half a file."""
-    atomic_write_text(path, text)
 
 
 def read_yaml(path: Path, missing: str) -> Any:
@@ -226,10 +221,10 @@ def prepare_cells(bench: BenchConfig) -> list[tuple[MethodSpec, int, RunConfig]]
         header = f"# mtlora train {cell / CELL_CONFIG}   (cell {method.name} / seed {seed} of {bench.source})\n"
         text = header + yaml.safe_dump(raw, sort_keys=False)
         if not (cell / CELL_CONFIG).is_file() or (cell / CELL_CONFIG).read_text() != text:
-            atomic_write(cell / CELL_CONFIG, text)
+            atomic_write_text(cell / CELL_CONFIG, text)
         spec = {"method": method.name, "seed": seed, "role": method.role, "label": method.display,
                 "eval_only": method.eval_only, "config_hash": config_hash(raw)}
-        atomic_write(cell / CELL_SPEC, json.dumps(spec, indent=2) + "\n")
+        atomic_write_json(cell / CELL_SPEC, spec)
         config = load_config(cell / CELL_CONFIG)
         if get_method(config.method).k_shot and method.eval_only:
             raise UserError(bench.source, f"methods.{method.name}: eval_only needs a plain method")

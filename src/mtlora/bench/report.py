@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from mtlora.bench.budgets import training_data_seen
-from mtlora.bench.config import DEFAULT_PAPERS, ROLES, BenchConfig, atomic_write
+from mtlora.bench.config import DEFAULT_PAPERS, ROLES, BenchConfig
 from mtlora.bench.statistics import (
     _by_role,
     _mean_std,
@@ -27,6 +28,7 @@ from mtlora.bench.statistics import (
 )
 from mtlora.config import deep_merge, load_config
 from mtlora.errors import UserError
+from mtlora.fileio import atomic_write_json, atomic_write_text, atomic_write_with
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -228,9 +230,11 @@ def plot_macro(results: dict[str, Any], path: Path) -> None:
 
     entries = [e for e in results["aggregate"]["methods"].values() if "macro" in e]
     paired = [o for o in results["aggregate"]["orderings"] if o.get("paired")]
-    width = 1.0 * max(len(entries), 3) + 2.5
-    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(width + (6.0 if paired else 0.0), 4.5),
-                             gridspec_kw={"width_ratios": [width, 6.0]} if paired else None, squeeze=False)
+    # bars above, the paired intervals below them with their claims written out in full
+    width = max(8.0, 0.75 * len(entries) + 2.5)
+    low_h = 0.42 * len(paired) + 1.2
+    fig, axes = plt.subplots(2 if paired else 1, 1, figsize=(width, 5.2 + (low_h if paired else 0.0)),
+                             gridspec_kw={"height_ratios": [5.2, low_h]} if paired else None, squeeze=False)
     ax = axes[0][0]
     if entries:
         xs = list(range(len(entries)))
@@ -254,7 +258,7 @@ def plot_macro(results: dict[str, Any], path: Path) -> None:
     ax.set_title(results["meta"]["title"] + f"\n(bars: mean over the seeds run; error bars: {bars}; dots: seeds)",
                  fontsize=9)
     if paired:
-        ax2 = axes[0][1]
+        ax2 = axes[1][0]
         ys = list(range(len(paired)))[::-1]
         for y, o in zip(ys, paired, strict=True):
             p = o["paired"]
@@ -263,16 +267,14 @@ def plot_macro(results: dict[str, Any], path: Path) -> None:
                          color=color, markersize=4, capsize=3)
         ax2.axvline(0.0, color="black", linewidth=0.8)
         ax2.set_ylim(-0.5, len(paired) - 0.5)
-        ax2.set_yticks(ys, [o["claim"][:48] for o in paired], fontsize=7)
-        ax2.yaxis.tick_right()
+        ax2.set_yticks(ys, [textwrap.fill(o["claim"], 70) for o in paired], fontsize=7)
+        ax2.grid(axis="x", alpha=0.3)
         ax2.set_xlabel("left - right, macro accuracy (pp)")
         ax2.set_title("paired difference, 95 % interval\n(green: held, red: did not hold, grey: not resolved)",
                       fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def second_protocols(bench) -> list[str]:
@@ -326,8 +328,8 @@ def write_outputs(
     }
     out = bench.output_dir
     paths = {"results": str(out / "results.json"), "table": str(out / "table.md"), "chart": str(out / "chart.png")}
-    atomic_write(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
-    atomic_write(out / "table.md", render_markdown(results))
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "table.md", render_markdown(results))
     if chart:
         plot_macro(results, out / "chart.png")
     return results, paths
@@ -413,7 +415,7 @@ def rereport_results(path: Path, command: str | None = None, papers_path: Path =
                                       "at": datetime.now(UTC).isoformat(timespec="seconds")}
     results["written_at"] = results["meta"]["regenerated"]["at"]
     out = path.parent
-    atomic_write(path, json.dumps(results, indent=2, default=float) + "\n")
-    atomic_write(out / "table.md", render_markdown(results))
+    atomic_write_json(path, results)
+    atomic_write_text(out / "table.md", render_markdown(results))
     plot_macro(results, out / "chart.png")
     return {"results": str(path), "table": str(out / "table.md"), "chart": str(out / "chart.png")}

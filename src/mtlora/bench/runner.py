@@ -53,7 +53,6 @@ from mtlora.bench.config import (
     RUN_STAMP,
     BenchConfig,
     adapter_summary,
-    atomic_write,
     load_bench_config,
     prepare_cells,
 )
@@ -61,6 +60,7 @@ from mtlora.bench.report import code_version, machine_info, rereport_results, wr
 from mtlora.bench.statistics import finished, per_example_correctness
 from mtlora.config import load_config
 from mtlora.errors import UserError
+from mtlora.fileio import atomic_write_json, atomic_write_text
 
 
 # -------------------------------------------------------------------------------------- one cell
@@ -123,7 +123,7 @@ def run_cell(cell: Path, progress: bool = False) -> dict[str, Any]:
         stamp = cell / RUN_STAMP  # which config the checkpoint in run/ belongs to
         resumed = (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file() and (
             stamp.is_file() and stamp.read_text().strip() == spec["config_hash"])
-        atomic_write(stamp, spec["config_hash"] + "\n")
+        atomic_write_text(stamp, spec["config_hash"] + "\n")
         from mtlora.train import train
 
         summary = train(config, resume=resumed, overwrite=not resumed, progress=progress)
@@ -150,7 +150,7 @@ def run_cell(cell: Path, progress: bool = False) -> dict[str, Any]:
         "training_data": _training_data(config, spec["eval_only"]),
         "examples": _examples_of(config, report),
     }
-    atomic_write(cell / CELL_RESULT, json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write_json(cell / CELL_RESULT, result)
     return result
 
 
@@ -191,7 +191,7 @@ def evaluate_cell_protocol(cell: Path, protocol: str, max_per_task: int | None, 
         "examples": per_example_correctness(report.get("predictions") or [], examples),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    atomic_write(cell / PROTOCOL_RESULT.format(protocol=protocol), json.dumps(result, indent=2, default=float) + "\n")
+    atomic_write_json(cell / PROTOCOL_RESULT.format(protocol=protocol), result)
     return result
 
 
@@ -226,7 +226,7 @@ def run_protocol(bench: BenchConfig, protocol: str, *, max_per_task: int | None,
 
 
 def _record_error(cell: Path, text: str) -> None:
-    atomic_write(cell / CELL_ERROR, text if text.endswith("\n") else text + "\n")
+    atomic_write_text(cell / CELL_ERROR, text if text.endswith("\n") else text + "\n")
 
 
 def _run_cell_in_process(cell: Path, progress: bool) -> dict[str, Any] | None:
@@ -351,7 +351,7 @@ def run_bench(
         else:
             result = _run_cell_in_process(cell, progress)
             if result is not None:  # persist the mode so the table can say what peak RSS means
-                atomic_write(cell / CELL_RESULT, json.dumps(result, indent=2, default=float) + "\n")
+                atomic_write_json(cell / CELL_RESULT, result)
         return item, result, time.perf_counter() - t0
 
     def record(item, result, seconds: float) -> None:
