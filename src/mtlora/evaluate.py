@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 
 from mtlora.adapters.context import forward_context
-from mtlora.data.collate import encode_pair, prefix_token_id
+from mtlora.data.collate import encode_pair, pad_id_of, prefix_token_id
 from mtlora.data.example import Example
 
 Method = Literal["shared", "kv_cache", "per_choice"]
@@ -123,12 +123,6 @@ def _out_cache(out):
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    from mtlora.data.collate import pad_id_of  # the one pad-id rule
-
-    return pad_id_of(tokenizer)
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -398,7 +392,7 @@ def _score_mc(
     score_batch = {
         "shared": _score_batch_packed, "kv_cache": _score_batch_kv_cache, "per_choice": _score_batch_per_choice
     }[method]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     device = _device(model)
     out: list[list[float]] = [[] for _ in encs]
     with _progress(len(encs), progress, f"scoring ({method})") as bar:
@@ -486,7 +480,7 @@ def _generate(
         ids = list(tokenizer.encode(ex.prompt, add_special_tokens=add_special_tokens)) or [prefix_token_id(tokenizer)]
         prompts.append(ids[-budget:])
     stops = _stop_ids(model, tokenizer)
-    pad_id, device = _pad_id(tokenizer), _device(model)
+    pad_id, device = pad_id_of(tokenizer), _device(model)
     texts: list[str] = [""] * len(examples)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     with _progress(len(examples), progress, "generating") as bar:

@@ -19,6 +19,7 @@ import torch
 
 from mtlora.adapters.context import forward_context
 from mtlora.adapters.io import CONFIG_NAME
+from mtlora.data.collate import pad_id_of
 from mtlora.errors import UserError
 
 
@@ -116,12 +117,12 @@ def generate(
         raise UserError("--max-new-tokens", f"expected an integer >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise UserError("--temperature", f"expected a number >= 0, got {temperature}")
-    from mtlora.evaluate import _left_pad, _pad_id, _stop_ids
+    from mtlora.evaluate import _left_pad, _stop_ids
 
     ids = _task_ids(prompts, task, task_names)
     encoded = [_encode(tokenizer, p.text, chat) for p in prompts]
     device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     stops = sorted(_stop_ids(model, tokenizer)) or None
     sample = temperature > 0
     if sample:
