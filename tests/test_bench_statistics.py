@@ -74,6 +74,20 @@ def test_seeds_without_per_example_results_are_named():
     assert row["paired"]["seeds"] == [0, 1] and "paired on seeds [0, 1] only" in row["verdict"]
 
 
+def test_a_pairing_over_fewer_seeds_than_one_side_has_run_is_named():
+    """The table's means cover every seed a method ran; the paired interval only the seeds both
+    sides have: a three-seed method against a one-seed cell is paired at that seed, and says so."""
+    a = _entry("mlora", {0: _bits(60), 1: _bits(62), 2: _bits(58)})
+    b = _entry("rlora", {0: _bits(65)})
+    a["seeds_done"], b["seeds_done"] = [0, 1, 2], [0]
+    row = {o["claim"]: o for o in check_orderings({"m": a, "r": b})}["M-LoRA > R-LoRA"]
+    assert row["paired"]["seeds"] == [0] and "paired on seeds [0] only: the seeds every side has run" in row["verdict"]
+    b = _entry("rlora", {0: _bits(65), 1: _bits(67), 2: _bits(63)})
+    b["seeds_done"] = [0, 1, 2]
+    row = {o["claim"]: o for o in check_orderings({"m": a, "r": b})}["M-LoRA > R-LoRA"]
+    assert "only" not in row["verdict"]
+
+
 def test_identical_methods_give_an_interval_around_zero():
     a = _entry("mlora", {0: _bits(60, 0), 1: _bits(70, 20)})
     same, _ = paired_difference(a, [_entry("rlora", {0: _bits(60, 0), 1: _bits(70, 20)})])

@@ -419,9 +419,11 @@ def check_orderings(methods: dict[str, Any], papers: Papers | None = None) -> li
                     verdict += " (vacuous: the reference is not above zero-shot: " + ", ".join(
                         f"{g['diff']:+.1f} pp [{g['low']:+.1f}, {g['high']:+.1f}]" for g in gains if g) + ")"
             done = [set(e.get("seeds_done", paired["seeds"])) for e in (left, *right_entries) if not e.get("eval_only")]
-            done = set.intersection(*done) if done else set(paired["seeds"])
-            if set(paired["seeds"]) != done:
+            common = set.intersection(*done) if done else set(paired["seeds"])
+            if set(paired["seeds"]) != common:
                 verdict += f" (paired on seeds {paired['seeds']} only: the others kept no per-example results)"
+            elif done and set.union(*done) != common:  # the means beside it cover more seeds than the pairing
+                verdict += f" (paired on seeds {paired['seeds']} only: the seeds every side has run)"
             row.update(held=held, verdict=verdict)
         if claim.full_data:
             untested = _full_data_untested(left, right_entries)
