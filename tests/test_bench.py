@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,15 @@ def test_a_second_protocol_scores_the_same_trained_cells(tmp_path, tiny_model_di
     assert not any("evaluating under" in line for line in lines)
     with pytest.raises(UserError, match="--protocol: expected generate_extract or loglik"):
         bench_command(config, protocol="exact")
+    # a checkout without the cell's trained adapter (run/ is git-ignored): one line, no traceback, exit 1
+    gone = out / "cells" / "lora" / "seed1"
+    (gone / "eval_generate_extract.json").unlink()
+    shutil.rmtree(gone / "run" / "adapter")
+    lines.clear()
+    assert bench_command(config, protocol="generate_extract", max_per_task=3, max_new_tokens=4, echo=lines.append) == 1
+    said = [line for line in lines if "lora/seed1" in line and "not scored" in line]
+    assert len(said) == 1 and "adapter" in said[0] and "Traceback" not in "\n".join(lines)
+    assert not (gone / "error.txt").exists()
 
 
 def _raw(tmp_path: Path, model: Path, tasks: list[Path]) -> dict:

@@ -215,6 +215,10 @@ def run_protocol(bench: BenchConfig, protocol: str, *, max_per_task: int | None,
         echo(f"[{index}/{len(cells)}] {name}: evaluating under {protocol}")
         try:
             result = evaluate_cell_protocol(cell, protocol, max_per_task, max_new_tokens)
+        except UserError as exc:  # e.g. the trained adapter is gone: run/ folders are not committed
+            echo(f"[{index}/{len(cells)}] {name}: not scored under {protocol}: {exc.format()}")
+            failed.append(name)
+            continue
         except Exception:  # noqa: BLE001  one broken cell must not lose the others
             _record_error(cell, traceback.format_exc())
             echo(f"[{index}/{len(cells)}] {name}: FAILED under {protocol} (see {cell / CELL_ERROR})")
