@@ -310,7 +310,7 @@ def test_a_second_protocol_scores_the_same_trained_cells(tmp_path, tiny_model_di
     shutil.rmtree(gone / "run" / "adapter")
     lines.clear()
     assert bench_command(config, protocol="generate_extract", max_per_task=3, max_new_tokens=4, echo=lines.append) == 1
-    said = [line for line in lines if "lora/seed1" in line and "not scored" in line]
+    said = [line for line in lines if line.startswith("[") and "lora/seed1: not scored" in line]
     assert len(said) == 1 and "adapter" in said[0] and "Traceback" not in "\n".join(lines)
     assert not (gone / "error.txt").exists()
 

@@ -433,7 +433,7 @@ def bench_command(
         for key, value in outcome.paths.items():
             echo(f"{key}: {value}")
         if failed:
-            echo("failed cells (see error.txt in each): " + ", ".join(failed))
+            echo(f"cells not scored under {protocol} (why: the line of each above; error.txt in the cell for a crash): " + ", ".join(failed))
         return 1 if failed else 0
     outcome = run_bench(bench, command=command, progress=progress, echo=echo, only=only, execute=not report_only)
     echo(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, failed {len(outcome.failed)}")
